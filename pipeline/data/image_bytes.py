@@ -1,0 +1,106 @@
+"""Cheap structural checks and conversions on encoded image bytes.
+
+Conversion copies JPEG and PNG files byte for byte, so it must know what a file really is (a few ImageNet ".JPEG"
+files are PNGs, a few are CMYK JPEGs) and whether it is whole, without paying for a full decode of every image.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image
+
+JPEG_MAGIC = b"\xff\xd8\xff"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+# Start-of-frame markers (baseline, extended, progressive, lossless, arithmetic); not DHT (C4), JPG (C8) or DAC (CC).
+_SOF_MARKERS = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+
+
+class CorruptImage(ValueError):
+    """The bytes are not a complete image of a format we can store."""
+
+
+def sniff(data: bytes) -> str | None:
+    """The real container format from the magic bytes: 'jpg', 'png', or None for anything else."""
+    if data.startswith(JPEG_MAGIC):
+        return "jpg"
+    if data.startswith(PNG_MAGIC):
+        return "png"
+    return None
+
+
+def jpeg_components(data: bytes) -> int:
+    """Colour components of a JPEG (1 grey, 3 YCbCr, 4 CMYK/YCCK), read from its SOF header; checks it is not truncated."""
+    pos = 2
+    n = len(data)
+    components = None
+    while pos + 4 <= n:
+        if data[pos] != 0xFF:
+            raise CorruptImage(f"JPEG marker expected at byte {pos}")
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        length = int.from_bytes(data[pos + 2 : pos + 4], "big")
+        if marker in _SOF_MARKERS:
+            if pos + 10 > n:
+                break
+            components = data[pos + 9]
+        if marker == 0xDA:  # start of scan: entropy-coded data follows, ended by EOI
+            if components is None:
+                raise CorruptImage("JPEG has no frame header before its scan")
+            if data.rfind(b"\xff\xd9", pos) < 0:
+                raise CorruptImage("JPEG is truncated (no end-of-image marker)")
+            return components
+        pos += 2 + length
+    raise CorruptImage("JPEG is truncated in its headers")
+
+
+def check_png(data: bytes) -> None:
+    """A PNG is whole when its IEND chunk is present at the end."""
+    if b"IEND" not in data[-16:]:
+        raise CorruptImage("PNG is truncated (no IEND chunk)")
+
+
+def encode_pixels(pixels: np.ndarray, fmt: str, quality: int = 95) -> bytes:
+    """Encodes an HxWx3 (or HxW) uint8 array as PNG (lossless) or JPEG at the given quality."""
+    if pixels.dtype != np.uint8:
+        raise TypeError(f"pixels must be uint8, got {pixels.dtype}")
+    buf = io.BytesIO()
+    image = Image.fromarray(pixels)
+    if fmt == "png":
+        image.save(buf, format="PNG", compress_level=1)
+    elif fmt == "jpg":
+        image.save(buf, format="JPEG", quality=quality)
+    else:
+        raise ValueError(f"unknown image format {fmt!r}; use 'png' or 'jpg'")
+    return buf.getvalue()
+
+
+def decode_rgb(data: bytes) -> np.ndarray:
+    """Fully decodes any image PIL reads into an HxWx3 uint8 array (CMYK and palettes converted to RGB)."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+            return np.asarray(image.convert("RGB"))
+    except Exception as err:  # PIL raises many types for broken files
+        raise CorruptImage(f"cannot decode image: {err}") from err
+
+
+def normalise_encoded(data: bytes) -> tuple[str, bytes, str | None]:
+    """Turns a source file's bytes into what a shard stores: (ext, bytes, note).
+
+    JPEG and PNG are kept byte for byte (the extension follows the real format, not the file name). A CMYK/YCCK JPEG
+    and any other format (WebP, BMP, GIF, TIFF...) are decoded and stored as lossless RGB PNG, so every sample is one
+    DALI decodes; `note` says so for the report.
+    """
+    kind = sniff(data)
+    if kind == "jpg":
+        if jpeg_components(data) == 4:
+            return "png", encode_pixels(decode_rgb(data), "png"), "CMYK JPEG converted to RGB PNG"
+        return "jpg", data, None
+    if kind == "png":
+        check_png(data)
+        return "png", data, None
+    return "png", encode_pixels(decode_rgb(data), "png"), "non-JPEG/PNG image converted to PNG"

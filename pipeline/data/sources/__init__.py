@@ -1,0 +1,45 @@
+"""Dataset sources for conversion into shards, one file per on-disk format, looked up by name."""
+
+from __future__ import annotations
+
+from .base import Record, Source, SourceLayoutError
+from .cifar import Cifar10, Cifar100
+from .digits import Digits
+from .folder import ImageFolder
+from .imagenet import ImageNet
+from .stl10 import Stl10
+from .svhn import Svhn
+
+SPLITS = {
+    "imagenet": ImageNet.SPLITS,
+    "stl10": Stl10.SPLITS,
+    "cifar10": Cifar10.SPLITS,
+    "cifar100": Cifar100.SPLITS,
+    "svhn": Svhn.SPLITS,
+    "digits": Digits.SPLITS,
+    "folder": ("train", "val", "test"),
+}
+
+
+def build_source(dataset: str, root: str | None, split: str, **options) -> Source:
+    """The source for one split. Options: imagenet devkit/val_csv, stl10 fold, cifar100 labels, folder name."""
+    if dataset not in SPLITS:
+        raise ValueError(f"unknown dataset {dataset!r}; choose from {sorted(SPLITS)}")
+    if dataset != "digits" and not root:
+        raise ValueError(f"{dataset} needs --src: the folder (or file) holding the dataset")
+    if dataset == "imagenet":
+        return ImageNet(root, split, devkit=options.get("devkit"), val_csv=options.get("val_csv"))
+    if dataset == "stl10":
+        return Stl10(root, split, fold=options.get("fold"))
+    if dataset == "cifar10":
+        return Cifar10(root, split)
+    if dataset == "cifar100":
+        return Cifar100(root, split, labels=options.get("labels") or "fine")
+    if dataset == "svhn":
+        return Svhn(root, split)
+    if dataset == "digits":
+        return Digits(root, split)
+    return ImageFolder(root, split, name=options.get("name") or "folder")
+
+
+__all__ = ["Record", "Source", "SourceLayoutError", "SPLITS", "build_source"]

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The one setup path: a virtual environment in .venv with torch (pinned, CPU wheel) first, then the project.
+# Usage: scripts/setup.sh [EXTRAS]   e.g. scripts/setup.sh test,demo
+set -euo pipefail
+cd "$(dirname "$0")/.."
+extras="${1:-demo}"
+python="${PYTHON:-python3}"
+if [ ! -x .venv/bin/python ]; then
+  "$python" -m venv .venv
+fi
+.venv/bin/pip install --quiet --upgrade pip
+# torch first and pinned: anything unpinned would resolve a multi-GB CUDA build.
+.venv/bin/pip install --quiet torch==2.13.0
+.venv/bin/pip install --quiet -e ".[${extras}]"
+echo "setup: .venv ready ($(.venv/bin/python -c 'import torch; print("torch", torch.__version__)'))"

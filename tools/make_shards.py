@@ -1,0 +1,87 @@
+#!/usr/bin/env python
+"""Converts ImageNet, STL-10, CIFAR-10/100, SVHN, an image folder or the embedded digits set into WebDataset shards
+with DALI index files and a manifest per split (DESIGN.md §3), to any fsspec URL.
+
+Examples:
+  python tools/make_shards.py digits --out data/digits --verify
+  python tools/make_shards.py imagenet --src /data/ILSVRC2012_img_train.tar --split train --out s3://bucket/imagenet --workers 16
+  python tools/make_shards.py imagenet --src /data/imagenet --split val --devkit /data/ILSVRC2012_devkit_t12 --out /shards/imagenet
+  python tools/make_shards.py stl10 --src /data/stl10_binary --split train+unlabeled --out /shards/stl10
+
+Re-running resumes (complete shards are checked and skipped). Exit status: 0 done, 1 verification found problems,
+2 bad input or options.
+"""
+
+from __future__ import annotations
+
+import argparse
+import posixpath
+import sys
+
+from pipeline.data.convert import ConversionError, ConvertOptions, convert
+from pipeline.data.shard_format import manifest_name
+from pipeline.data.sources import SPLITS, SourceLayoutError, build_source
+from pipeline.data.verify import verify
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("dataset", choices=sorted(SPLITS), help="source format")
+    p.add_argument("--src", help="dataset folder or file (not needed for digits)")
+    p.add_argument("--out", required=True, help="output folder: a path or any fsspec URL (file://, s3://, gs://, memory://)")
+    p.add_argument("--split", action="append", help="split to convert (repeatable; default: all of the dataset's)")
+    p.add_argument("--samples-per-shard", type=int, default=1000)
+    p.add_argument("--shard-bytes", type=float, default=0, help="also cut shards at about this many bytes (0: off)")
+    p.add_argument("--workers", type=int, default=1, help="writer processes")
+    p.add_argument("--no-shuffle", action="store_true", help="keep source order (default: seeded shuffle across classes)")
+    p.add_argument("--seed", type=int, default=0, help="shuffle seed")
+    p.add_argument("--format", choices=("png", "jpg"), default="png", help="encoding of raw-pixel sources (png is lossless)")
+    p.add_argument("--quality", type=int, default=95, help="JPEG quality with --format jpg")
+    p.add_argument("--verify", action="store_true", help="re-read every shard afterwards: counts, checksums, decoding")
+    p.add_argument("--strict", action="store_true", help="fail on a corrupt image instead of skipping and reporting it")
+    p.add_argument("--overwrite", action="store_true", help="replace existing shards of this dataset/split")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    g = p.add_argument_group("dataset options")
+    g.add_argument("--devkit", help="imagenet val: ILSVRC2012_devkit_t12 folder (ground truth + meta.mat)")
+    g.add_argument("--val-csv", help="imagenet val: Kaggle LOC_val_solution.csv")
+    g.add_argument("--fold", type=int, help="stl10 train: one of the 10 predefined folds (0-9)")
+    g.add_argument("--labels", choices=("fine", "coarse"), help="cifar100 label set (default fine)")
+    g.add_argument("--name", help="folder: dataset name used in shard names (default 'folder')")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    splits = args.split or list(SPLITS[args.dataset] if args.dataset != "folder" else ["train"])
+    if args.dataset == "stl10" and not args.split:
+        splits = ["train", "test", "unlabeled"]
+    try:
+        opts = ConvertOptions(samples_per_shard=args.samples_per_shard, max_shard_bytes=int(args.shard_bytes),
+                              workers=args.workers, shuffle=not args.no_shuffle, seed=args.seed,
+                              image_format=args.format, jpeg_quality=args.quality, strict=args.strict,
+                              overwrite=args.overwrite)
+        summaries = []
+        for split in splits:
+            source = build_source(args.dataset, args.src, split, devkit=args.devkit, val_csv=args.val_csv,
+                                  fold=args.fold, labels=args.labels, name=args.name)
+            summary = convert(source, args.out, opts, progress=not args.quiet)
+            print(summary, flush=True)
+            summaries.append(summary)
+    except (ConversionError, SourceLayoutError, ValueError) as err:
+        print(f"make_shards: error: {err}", file=sys.stderr)
+        return 2
+    if args.verify:
+        problems = []
+        for summary in summaries:
+            found = verify(summary.manifest, workers=args.workers, progress=not args.quiet)
+            print(f"verify {summary.dataset}/{summary.split}: {'OK' if not found else f'{len(found)} problem(s)'}")
+            problems += found
+        for problem in problems:
+            print(f"  {problem}", file=sys.stderr)
+        if problems:
+            return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
