@@ -38,6 +38,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--format", choices=("png", "jpg"), default="png", help="encoding of raw-pixel sources (png is lossless)")
     p.add_argument("--quality", type=int, default=95, help="JPEG quality with --format jpg")
     p.add_argument("--verify", action="store_true", help="re-read every shard afterwards: counts, checksums, decoding")
+    p.add_argument("--verify-only", action="store_true",
+                   help="verify the existing output without converting anything (a plain re-run instead rewrites "
+                        "shards whose checksum no longer matches)")
     p.add_argument("--strict", action="store_true", help="fail on a corrupt image instead of skipping and reporting it")
     p.add_argument("--overwrite", action="store_true", help="replace existing shards of this dataset/split")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -52,35 +55,34 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    splits = args.split or list(SPLITS[args.dataset] if args.dataset != "folder" else ["train"])
-    if args.dataset == "stl10" and not args.split:
-        splits = ["train", "test", "unlabeled"]
+    dataset = (args.name or "folder") if args.dataset == "folder" else args.dataset
+    splits = args.split or {"folder": ["train"], "stl10": ["train", "test", "unlabeled"]}.get(dataset, SPLITS[dataset])
+    manifests = [posixpath.join(args.out, manifest_name(dataset, split)) for split in splits]
     try:
         opts = ConvertOptions(samples_per_shard=args.samples_per_shard, max_shard_bytes=int(args.shard_bytes),
                               workers=args.workers, shuffle=not args.no_shuffle, seed=args.seed,
                               image_format=args.format, jpeg_quality=args.quality, strict=args.strict,
                               overwrite=args.overwrite)
-        summaries = []
-        for split in splits:
+        for split in [] if args.verify_only else splits:
             source = build_source(args.dataset, args.src, split, devkit=args.devkit, val_csv=args.val_csv,
                                   fold=args.fold, labels=args.labels, name=args.name)
-            summary = convert(source, args.out, opts, progress=not args.quiet)
-            print(summary, flush=True)
-            summaries.append(summary)
+            print(convert(source, args.out, opts, progress=not args.quiet), flush=True)
     except (ConversionError, SourceLayoutError, ValueError) as err:
         print(f"make_shards: error: {err}", file=sys.stderr)
         return 2
-    if args.verify:
-        problems = []
-        for summary in summaries:
-            found = verify(summary.manifest, workers=args.workers, progress=not args.quiet)
-            print(f"verify {summary.dataset}/{summary.split}: {'OK' if not found else f'{len(found)} problem(s)'}")
-            problems += found
-        for problem in problems:
-            print(f"  {problem}", file=sys.stderr)
-        if problems:
-            return 1
-    return 0
+    if not (args.verify or args.verify_only):
+        return 0
+    problems = []
+    for split, manifest in zip(splits, manifests):
+        try:
+            found = verify(manifest, workers=args.workers, progress=not args.quiet)
+        except (FileNotFoundError, ValueError) as err:
+            found = [str(err)]
+        print(f"verify {dataset}/{split}: {'OK' if not found else f'{len(found)} problem(s)'}")
+        problems += found
+    for problem in problems:
+        print(f"  {problem}", file=sys.stderr)
+    return 1 if problems else 0
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ import re
 import tarfile
 
 import numpy as np
-import scipy.io
 
 from .base import SourceLayoutError, require
 from .files import FileRef, FileSource, key_from_name
@@ -34,6 +33,8 @@ def read_devkit(devkit: str) -> tuple[dict[int, str], dict[str, str], str]:
     """(ILSVRC2012_ID -> wnid, wnid -> words, data folder) from the devkit's meta.mat."""
     data = devkit if os.path.exists(os.path.join(devkit, "meta.mat")) else os.path.join(devkit, "data")
     meta = require(os.path.join(data, "meta.mat"), "ILSVRC2012_devkit_t12/data/meta.mat")
+    import scipy.io  # imported here: it is slow to import and only this layout needs it
+
     synsets = scipy.io.loadmat(meta, squeeze_me=True)["synsets"]
     ids, words = {}, {}
     for s in np.atleast_1d(synsets):

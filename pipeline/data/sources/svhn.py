@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 
 import numpy as np
-import scipy.io
 
 from .base import require
 from .raw_pixels import ArraySource
@@ -26,6 +25,8 @@ class Svhn(ArraySource):
         self.path = require(os.path.join(root, f"{split}_32x32.mat"), _LAYOUT)
 
     def _load(self):
+        import scipy.io  # imported here: it is slow to import and only this format needs it
+
         mat = scipy.io.loadmat(self.path)
         if "X" not in mat or "y" not in mat:
             raise ValueError(f"{self.path}: expected variables X and y; found {sorted(k for k in mat if k[0] != '_')}")

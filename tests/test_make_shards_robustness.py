@@ -1,0 +1,198 @@
+"""make_shards as users run it: the CLI, DALI reading the result, crashes and resume, verification, bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import tarfile
+import sys
+import time
+
+import fsspec
+import numpy as np
+import pytest
+from nvidia.dali import fn, pipeline_def, types
+
+from fixtures import make_imagenet_train, make_stl10
+from pipeline.data.convert import ConversionError, ConvertOptions, convert
+from pipeline.data.shard_format import index_name, read_manifest
+from pipeline.data.sources import build_source
+from shard_reading import pixels, read_samples
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOOL = os.path.join(ROOT, "tools", "make_shards.py")
+WDS2IDX = os.path.join(os.path.dirname(sys.executable), "wds2idx")
+
+
+def run_tool(*args, **kwargs):
+    return subprocess.run([sys.executable, TOOL, *args, "--quiet"], capture_output=True, text=True, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def digits_shards(tmp_path_factory):
+    out = tmp_path_factory.mktemp("digits")
+    result = run_tool("digits", "--out", str(out), "--samples-per-shard", "200", "--verify")
+    assert result.returncode == 0, result.stderr
+    assert "verify digits/train: OK" in result.stdout
+    return out
+
+
+def test_index_files_are_byte_identical_to_dali_wds2idx(digits_shards, tmp_path):
+    manifest = read_manifest(str(digits_shards / "digits-train.manifest.json"))
+    assert len(manifest.shards) == 8
+    for shard in manifest.shards:
+        theirs = tmp_path / "theirs.idx"
+        subprocess.run([WDS2IDX, str(digits_shards / shard.name), str(theirs)], check=True, capture_output=True)
+        assert theirs.read_bytes() == (digits_shards / index_name(shard.name)).read_bytes()
+
+
+def test_dali_webdataset_reader_decodes_every_sample(digits_shards):
+    manifest = read_manifest(str(digits_shards / "digits-test.manifest.json"))
+    tars = [str(digits_shards / s.name) for s in manifest.shards]
+
+    @pipeline_def(batch_size=manifest.num_samples, num_threads=2, device_id=None)
+    def read_all():
+        image, label = fn.readers.webdataset(paths=tars, index_paths=[t[:-4] + ".idx" for t in tars],
+                                             ext=["jpg;png", "cls"], missing_component_behavior="error", name="r")
+        return fn.decoders.image(image, device="cpu", output_type=types.RGB), label
+
+    pipe = read_all()
+    pipe.build()
+    assert pipe.epoch_size("r") == manifest.num_samples
+    images, labels = pipe.run()
+    expected = read_samples(str(digits_shards), "digits", "test")
+    by_pixels = {pixels(data).tobytes(): label for _, data, label in expected.values()}
+    for i in range(manifest.num_samples):
+        image = np.array(images[i])
+        assert image.shape == (32, 32, 3)
+        assert by_pixels[image.tobytes()] == int(bytes(np.array(labels[i])).decode())
+
+
+def test_killed_run_resumes_to_the_same_manifest(tmp_path):
+    reference = tmp_path / "reference"
+    assert run_tool("digits", "--split", "train", "--out", str(reference), "--samples-per-shard", "40").returncode == 0
+
+    out = tmp_path / "killed"
+    manifest = out / "digits-train.manifest.json"
+    proc = subprocess.Popen([sys.executable, TOOL, "digits", "--split", "train", "--out", str(out),
+                             "--samples-per-shard", "40", "--workers", "2", "--quiet"], start_new_session=True)
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        if manifest.exists() and len(json.loads(manifest.read_text())["shards"]) >= 3:
+            break
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    interrupted = json.loads(manifest.read_text())
+    assert not interrupted["complete"] and 3 <= len(interrupted["shards"]) < 36
+    listed = {s["name"] for s in interrupted["shards"]}
+    for name in (n for n in os.listdir(out) if n.endswith(".tar")):  # whatever has a final name is complete
+        with tarfile.open(out / name) as tar:
+            count = len(tar.getmembers()) // 2
+        assert (out / index_name(name)).read_text().startswith(f"v1.2 {count}\n") and count == 40
+
+    result = run_tool("digits", "--split", "train", "--out", str(out), "--samples-per-shard", "40", "--verify")
+    assert result.returncode == 0, result.stderr
+    assert f"{len(listed)} already complete" in result.stdout
+    assert manifest.read_text() == (reference / "digits-train.manifest.json").read_text()
+    assert not (out / "_partial").exists()
+
+
+def test_verify_catches_one_flipped_byte(tmp_path):
+    assert run_tool("digits", "--split", "test", "--out", str(tmp_path), "--samples-per-shard", "100").returncode == 0
+    shard = tmp_path / "digits-test-000002.tar"
+    data = bytearray(shard.read_bytes())
+    data[5000] ^= 0x01
+    shard.write_bytes(bytes(data))
+    result = run_tool("digits", "--split", "test", "--out", str(tmp_path), "--verify-only")
+    assert result.returncode == 1
+    assert "digits-test-000002.tar: sha256 differs" in result.stderr
+    repaired = run_tool("digits", "--split", "test", "--out", str(tmp_path), "--samples-per-shard", "100", "--verify")
+    assert repaired.returncode == 0 and "3 already complete" in repaired.stdout  # the bad shard was rewritten
+
+
+def test_partial_shards_never_appear_under_final_names(tmp_path):
+    """A write that fails mid-shard leaves nothing under a final name; the next run finishes the job."""
+    make_imagenet_train(str(tmp_path / "src"))
+    source = build_source("imagenet", str(tmp_path / "src"), "train")
+    victim = tmp_path / "src" / "train" / "n01443537" / "n01443537_1002.JPEG"
+    data = victim.read_bytes()
+    victim.unlink()  # vanishes after listing, as on a flaky network filesystem
+    opts = ConvertOptions(samples_per_shard=4, strict=True)
+    with pytest.raises((ConversionError, OSError)):
+        convert(source, str(tmp_path / "out"), opts, progress=False)
+    listed = {s.name for s in read_manifest(str(tmp_path / "out" / "imagenet-train.manifest.json")).shards}
+    assert {n for n in os.listdir(tmp_path / "out") if n.endswith(".tar")} == listed
+    victim.write_bytes(data)
+    summary = convert(source, str(tmp_path / "out"), opts, progress=False)
+    assert summary.samples == 12 and summary.shards_resumed == len(listed)
+
+
+def test_corrupt_images_are_reported_and_skipped_or_fatal_with_strict(tmp_path):
+    make_imagenet_train(str(tmp_path / "src"))
+    truncated = tmp_path / "src" / "train" / "n01440764" / "n01440764_1001.JPEG"
+    truncated.write_bytes(truncated.read_bytes()[:300])
+    (tmp_path / "src" / "train" / "n01440764" / "n01440764_1002.JPEG").write_bytes(b"not an image at all")
+    result = run_tool("imagenet", "--src", str(tmp_path / "src"), "--split", "train", "--out", str(tmp_path / "out"),
+                      "--verify")
+    assert result.returncode == 0, result.stderr
+    assert "2 skipped" in result.stdout
+    report = [json.loads(line) for line in (tmp_path / "out" / "imagenet-train.report.jsonl").read_text().splitlines()]
+    skipped = {r["key"]: r["reason"] for r in report if r["action"] == "skipped"}
+    assert set(skipped) == {"n01440764_1001", "n01440764_1002"}
+    assert "truncated" in skipped["n01440764_1001"]
+    assert read_manifest(str(tmp_path / "out" / "imagenet-train.manifest.json")).num_samples == 10
+
+    strict = run_tool("imagenet", "--src", str(tmp_path / "src"), "--split", "train", "--out",
+                      str(tmp_path / "strict"), "--strict")
+    assert strict.returncode == 2 and "n01440764_100" in strict.stderr and "--strict" in strict.stderr
+
+
+def test_folder_holding_another_dataset_is_refused_without_overwrite(tmp_path):
+    make_stl10(str(tmp_path / "src"))
+    assert run_tool("digits", "--split", "test", "--out", str(tmp_path / "out")).returncode == 0
+    refused = run_tool("stl10", "--src", str(tmp_path / "src"), "--split", "test", "--out", str(tmp_path / "out"))
+    assert refused.returncode == 2 and "already holds 'digits' shards" in refused.stderr
+    changed = run_tool("digits", "--split", "test", "--out", str(tmp_path / "out"), "--seed", "1")
+    assert changed.returncode == 2 and "--overwrite" in changed.stderr
+    replaced = run_tool("digits", "--split", "test", "--out", str(tmp_path / "out"), "--seed", "1", "--overwrite")
+    assert replaced.returncode == 0 and "0 already complete" in replaced.stdout
+
+
+def test_memory_filesystem_output_and_verify():
+    from pipeline.data.verify import verify
+
+    summary = convert(build_source("digits", None, "test"), "memory://shards/digits",
+                      ConvertOptions(samples_per_shard=100), progress=False)
+    fs = fsspec.filesystem("memory")
+    names = sorted(os.path.basename(p) for p in fs.ls("/shards/digits", detail=False))
+    assert names == ["digits-test-00000%d.%s" % (i, ext) for i in range(4) for ext in ("idx", "tar")] + \
+        ["digits-test.manifest.json", "digits-test.report.jsonl"]
+    assert summary.manifest.startswith("memory://") and summary.manifest.endswith("/shards/digits/digits-test.manifest.json")
+    assert verify(summary.manifest, progress=False) == []
+    fs.pipe_file("/shards/digits/digits-test-000001.idx", b"v1.2 0\n")
+    assert verify(summary.manifest, progress=False) == ["digits-test-000001.idx: does not match the tar's members"]
+
+
+def test_parallel_workers_write_the_same_shards_as_one(tmp_path):
+    one = convert(build_source("digits", None, "train"), str(tmp_path / "one"),
+                  ConvertOptions(samples_per_shard=150), progress=False)
+    two = convert(build_source("digits", None, "train"), str(tmp_path / "two"),
+                  ConvertOptions(samples_per_shard=150, workers=2), progress=False)
+    assert read_manifest(one.manifest).shards == read_manifest(two.manifest).shards
+
+
+def test_byte_limit_and_jpeg_option(tmp_path):
+    summary = convert(build_source("digits", None, "test"), str(tmp_path),
+                      ConvertOptions(samples_per_shard=1000, max_shard_bytes=200_000, image_format="jpg",
+                                     jpeg_quality=80), progress=False)
+    manifest = read_manifest(summary.manifest)
+    assert len(manifest.shards) > 1 and all(s.bytes <= 200_000 + 10240 for s in manifest.shards)
+    samples = read_samples(str(tmp_path), "digits", "test")
+    assert {ext for ext, _, _ in samples.values()} == {"jpg"}
+
+
+def test_bad_options_and_unknown_dataset_exit_2(tmp_path):
+    assert run_tool("digits", "--out", str(tmp_path), "--samples-per-shard", "0").returncode == 2
+    bad_split = run_tool("cifar10", "--src", str(tmp_path), "--split", "valid", "--out", str(tmp_path))
+    assert bad_split.returncode == 2 and "splits" in bad_split.stderr
