@@ -1,0 +1,97 @@
+"""Losses of the four methods, as pure functions of (global) batches.
+
+Contrastive losses take un-normalised embeddings of the whole global batch (see pipeline.distributed for the gather
+and for what equality holds across ranks) and L2-normalise them here. The likelihood and KL return one value per
+sample, so the caller decides how to reduce (AASAE: mean over the batch). Half-precision inputs (a bf16/fp16 engine)
+are computed in float32: bf16/fp16 are too coarse for logits scaled by 1/tau and for sums over every pixel.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def _fp32(*tensors: Tensor) -> tuple[Tensor, ...]:
+    """Upcast half-precision tensors to float32; float32 and float64 pass unchanged."""
+    return tuple(t.to(torch.promote_types(t.dtype, torch.float32)) for t in tensors)
+
+
+def _logits(a: Tensor, b: Tensor, temperature: float) -> Tensor:
+    return a @ b.T / temperature
+
+
+def _logsumexp_off_diagonal(*mats: Tensor) -> Tensor:
+    """Row-wise log of sum_{j != i} exp(m_ij), summed over all the square matrices given (each row i's own diagonal
+    entry is left out of every one)."""
+    n = mats[0].shape[0]
+    diagonal = torch.eye(n, dtype=torch.bool, device=mats[0].device)
+    masked = [m.masked_fill(diagonal, float("-inf")) for m in mats]
+    return torch.logsumexp(torch.cat(masked, dim=1), dim=1)
+
+
+def _check_batch(n: int) -> None:
+    if n < 2:
+        raise ValueError("contrastive losses need at least 2 samples in the (global) batch")
+
+
+def gnt_xent(u: Tensor, v: Tensor, w: Tensor, temperature: float = 0.1) -> Tensor:
+    """GNT-Xent of AAG (DESIGN.md section 4), with s(a, b) = exp(a.b / tau), every sum over j != i, every term a
+    mean over i:
+
+        L_main  = 2 * -log( s(u_i, v_i) / (sum_j s(u_i, v_j) + sum_j s(u_i, u_j) + sum_j s(v_i, v_j)) )
+        D(a, b) = -log( s(a_i, b_i) / sum_j s(a_i, b_j) )
+        L       = L_main + D(u, w) + D(v, w) + D(w, u) + D(w, v)
+
+    u, v: the two standard views, w: the auxiliary view, each (N, d) with row i from image i. The positive is not in
+    its own denominator, so with all similarities equal L = 2 ln(3(N-1)) + 4 ln(N-1).
+    """
+    _check_batch(u.shape[0])
+    u, v, w = (F.normalize(t, dim=1) for t in _fp32(u, v, w))
+    uv = _logits(u, v, temperature)
+    main = 2 * (_logsumexp_off_diagonal(uv, _logits(u, u, temperature), _logits(v, v, temperature)) - uv.diagonal())
+    uw = _logits(u, w, temperature)
+    vw = _logits(v, w, temperature)
+    aux = 0
+    for m in (uw, vw, uw.T, vw.T):  # D(u, w), D(v, w), D(w, u), D(w, v): the same pairs, anchored on either side
+        aux = aux + _logsumexp_off_diagonal(m) - m.diagonal()
+    return (main + aux).mean()
+
+
+def nt_xent(u: Tensor, v: Tensor, temperature: float = 0.5) -> Tensor:
+    """NT-Xent of SimCLR: 2N anchors, each with its other view as the positive and the remaining 2N - 2 as negatives;
+    the positive is in the denominator, the anchor itself is not. Mean over the 2N anchors."""
+    n = u.shape[0]
+    _check_batch(n)
+    z = F.normalize(torch.cat(_fp32(u, v)), dim=1)
+    logits = _logits(z, z, temperature)
+    positives = torch.cat([logits.diagonal(n), logits.diagonal(-n)])
+    return (_logsumexp_off_diagonal(logits) - positives).mean()
+
+
+def gaussian_nll(mean: Tensor, target: Tensor, sigma: float = 1.0) -> Tensor:
+    """-log N(target; mean, sigma^2 I) per sample, summed over all non-batch dimensions, constant included:
+    sum_p (target - mean)^2 / (2 sigma^2) + D (log sigma + log(2 pi) / 2)."""
+    if mean.shape != target.shape:  # refuse to broadcast a wrongly sized reconstruction
+        raise ValueError(f"reconstruction shape {tuple(mean.shape)} != target shape {tuple(target.shape)}")
+    mean, target = _fp32(mean, target)
+    dims = target[0].numel()
+    sq = (target - mean).pow(2).flatten(1).sum(1)
+    return sq / (2 * sigma**2) + dims * (math.log(sigma) + 0.5 * math.log(2 * math.pi))
+
+
+def kl_to_standard_normal(mu: Tensor, std: Tensor) -> Tensor:
+    """KL( N(mu, diag(std^2)) || N(0, I) ) per sample, in closed form: sum_k (std^2 + mu^2 - 1) / 2 - log std."""
+    mu, std = _fp32(mu, std)
+    return (0.5 * (std.pow(2) + mu.pow(2) - 1) - torch.log(std)).flatten(1).sum(1)
+
+
+# Contrastive objectives selectable by name: one argument per view, in the order the method lists its views.
+LOSSES: dict[str, Callable[..., Tensor]] = {
+    "gnt_xent": gnt_xent,
+    "nt_xent": nt_xent,
+}

@@ -1,0 +1,78 @@
+"""World size 2 (torchrun, gloo) against one process on the concatenated batch.
+
+What must hold (pipeline/distributed.py explains why):
+- contrastive losses: every rank's loss equals the single-process loss; the gradient reaching rank r's own
+  embeddings is world_size times the single-process gradient of that slice (every rank back-propagates the full
+  global loss), so that
+- after DDP's averaging, every rank's parameter gradients equal the single-process ones, for every method;
+- AASAE (no gather): each rank's loss is its local mean, and the mean over ranks equals the single-process loss;
+- the kNN monitor reports the single-process accuracy on every rank, with unequal shares per rank.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.testing import assert_close
+
+import dist_worker as w
+from pipeline.losses import LOSSES
+from pipeline.monitors import KNNMonitor
+
+pytestmark = pytest.mark.slow
+WORLD = 2
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    out = tmp_path_factory.mktemp("dist")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(WORLD),
+           str(Path(w.__file__)), str(out)]
+    repo = str(Path(__file__).resolve().parents[1])  # importable even without `pip install -e .`
+    pythonpath = os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": pythonpath}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+
+
+@pytest.mark.parametrize("loss_name", sorted(w.CONTRASTIVE))
+def test_contrastive_loss_and_embedding_gradients(ranks, loss_name):
+    parts = [e.clone().requires_grad_() for e in w.embeddings()[: w.CONTRASTIVE[loss_name]]]
+    loss = LOSSES[loss_name](*parts, temperature=0.1)
+    loss.backward()
+    grad = torch.stack([p.grad for p in parts])
+    n = w.GLOBAL_BATCH // WORLD
+    for r, result in enumerate(ranks):
+        assert_close(result[loss_name]["loss"], loss.detach())
+        assert_close(result[loss_name]["grad"], WORLD * grad[:, r * n : (r + 1) * n])
+
+
+@pytest.mark.parametrize("name", w.METHOD_NAMES)
+def test_method_loss_and_ddp_averaged_gradients(ranks, name):
+    model = w.method(name)
+    loss, _ = model(w.views(name))
+    loss.backward()
+    if name == "aasae":
+        assert_close(sum(r[name]["loss"] for r in ranks) / WORLD, loss.detach())
+    else:
+        for result in ranks:
+            assert_close(result[name]["loss"], loss.detach())
+    expected = {k: p.grad for k, p in model.named_parameters()}
+    for result in ranks:
+        assert result[name]["grads"].keys() == expected.keys()
+        for k, g in expected.items():
+            assert_close(result[name]["grads"][k], g, msg=lambda m: f"{name} {k}: {m}")
+
+
+def test_knn_monitor_and_uneven_gather(ranks):
+    bank, bank_labels, queries, query_labels = w.knn_data()
+    monitor = KNNMonitor(num_classes=3, k=4)
+    monitor.add_bank(bank, bank_labels)
+    monitor.add_queries(queries, query_labels)
+    for result in ranks:
+        assert result["knn"]["accuracy"].item() == monitor.compute()
+        assert_close(result["knn"]["bank"], bank)
