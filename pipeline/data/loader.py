@@ -1,0 +1,246 @@
+"""The training/evaluation input stream: shards -> sample order -> bytes -> DALI decode and views -> torch batches.
+
+One graph for every storage: DALI's parallel external source runs BatchSource in worker processes, which reads each
+sample's bytes by (shard, offset, size) from the shards' DALI index (pread locally, fsspec range requests remotely),
+so local and remote shards give the same samples in the same order by construction. The decoder is nvJPEG ("mixed")
+on a CUDA device and DALI's CPU decoder otherwise; every view is made by DALI on the same device (recipes.py).
+
+The stream runs through epochs without a break (no pipeline drain at epoch ends); the loader cuts it into epochs of
+exactly `steps_per_epoch` batches and records the position of the next batch, which state_dict() saves.
+
+    loader = ShardLoader(cfg, rank, world_size)
+    for epoch in range(loader.epoch, epochs):
+        for batch in loader:           # the remaining steps of loader.epoch, identical on every rank
+            loss, metrics = method(batch.views, batch.labels)
+        ...checkpoint {"loader": loader.state_dict(), ...}
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .batch_source import OK, STATUS_TEXT, BatchSource
+from .image_bytes import CorruptImage, decode_rgb
+from .loader_config import LoaderConfig
+from .normalization import MEAN_STD, mean_std
+from .recipes import Output, eval_view, profile_for, random_view, recipe_views, uses_conditionals
+from .sample_order import SampleOrder
+from .shard_index import ShardIndex, open_index
+from .shard_reader import FsspecReader, PosixReader
+
+log = logging.getLogger(__name__)
+_COLUMNS = ("shard", "span_start", "span_end", "image_offset", "image_size", "label_offset", "label_size")
+
+
+class BadSampleError(RuntimeError):
+    """strict: a sample's image or label is unusable."""
+
+
+@dataclass
+class Batch:
+    views: dict[str, torch.Tensor]  # name -> (B, 3, H, W) normalised, on the loader's device
+    labels: torch.Tensor  # (B,) int64, -1 = unlabelled (and for a sample whose label was unusable)
+    keys: list[str]  # sample keys, as in the shards
+    valid: torch.Tensor  # (B,) bool: False for the padding of the epoch's last global batch and for skipped samples
+    epoch: int
+    step: int  # index of this batch in its epoch
+
+
+@dataclass
+class _Stream:
+    """A running DALI pipeline and the (epoch, position) its next batch is at."""
+
+    pipe: object
+    iterator: object
+    names: list[str]
+    epoch: int
+    position: int
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"loader: device must be cpu or cuda, not {name!r}")
+    return device
+
+
+class ShardLoader:
+    def __init__(self, cfg: LoaderConfig, rank: int = 0, world_size: int = 1):
+        cfg.validate()
+        self.cfg = cfg
+        self.index: ShardIndex = open_index(cfg.manifest, strict=cfg.strict)
+        dataset = self.index.manifest.dataset
+        if cfg.normalization and cfg.normalization not in MEAN_STD:
+            raise ValueError(f"loader: no mean/std for {cfg.normalization!r}; choose from {sorted(MEAN_STD)}")
+        self.mean, self.std = mean_std(cfg.normalization or dataset)
+        self.profile = profile_for(dataset, cfg.profile)
+        self.views = recipe_views(cfg.recipe, self.profile, (cfg.randaugment_n, cfg.randaugment_m))
+        self.order = SampleOrder(len(self.index), cfg.batch_size, rank, world_size, cfg.seed, cfg.shuffle)
+        self.device = resolve_device(cfg.device)
+        self.io = cfg.io if cfg.io != "auto" else ("posix" if self.index.local else "fsspec")
+        if self.io == "posix" and not self.index.local:
+            raise ValueError(f"loader: io=posix needs local shards, {cfg.manifest} is not")
+        self.rank, self.world_size = rank, world_size
+        self.epoch = self.step = self.position = 0
+        self.stats: Counter[str] = Counter(left_out=len(self.index.left_out))
+        self._reported: set[int] = set()
+        self._undecodable: set[int] = set()  # rows whose image passed the structural check but failed to decode
+        self._stream: _Stream | None = None
+
+    # -- position ---------------------------------------------------------------------------------------------
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.order.steps_per_epoch
+
+    def __len__(self) -> int:
+        """Steps left in the current epoch (all of them unless resumed mid-epoch)."""
+        return self.order.steps_from(self.position)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "step": self.step, "position": self.position, "seed": self.order.seed,
+                "num_samples": len(self.index), "global_batch": self.order.global_batch}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue at the first batch not trained on; the world size (so the global batch) may differ."""
+        if state["num_samples"] != len(self.index):
+            raise ValueError(f"loader state is for a split of {state['num_samples']} samples, "
+                             f"{self.cfg.manifest} has {len(self.index)}")
+        if int(state["seed"]) != self.order.seed:
+            self.order = SampleOrder(len(self.index), self.cfg.batch_size, self.rank, self.world_size,
+                                     int(state["seed"]), self.cfg.shuffle)
+        self.epoch, self.step, self.position = int(state["epoch"]), int(state["step"]), int(state["position"])
+        if self.position >= len(self.index):  # saved after the last batch of an epoch
+            self.epoch, self.step, self.position = self.epoch + 1, 0, 0
+        self.close()
+
+    # -- iteration ----------------------------------------------------------------------------------------------
+    def __iter__(self):
+        """The remaining batches of the current epoch; afterwards the loader is at the start of the next one."""
+        while self.position < len(self.index):
+            batch = self._next_batch()
+            self.step += 1
+            self.position += self.order.global_batch
+            yield batch
+        self.epoch, self.step, self.position = self.epoch + 1, 0, 0
+
+    def _next_batch(self) -> Batch:
+        rows, valid = self.order.batch(self.epoch, self.position)
+        while True:
+            try:
+                stream = self._stream
+                if stream is None or (stream.epoch, stream.position) != (self.epoch, self.position):
+                    self.close()
+                    stream = self._stream = self._start()
+                (out,) = next(stream.iterator)
+                break
+            except Exception as err:
+                self.close()  # a failed DALI pipeline cannot go on; a new one restarts at this batch
+                if not self._find_undecodable():
+                    where = ", ".join(self.index.where(r) for r in rows[:8])
+                    raise RuntimeError(f"DALI failed on epoch {self.epoch} step {self.step} of rank {self.rank} "
+                                       f"(samples {where}{', ...' if len(rows) > 8 else ''}): {err}") from err
+        stream.epoch, stream.position = self.order.locate(self.epoch, self.position, 1)
+        if not np.array_equal(out["rows"].numpy(), rows):
+            raise RuntimeError("loader: DALI returned batches out of order")
+        status = out["status"].numpy()
+        for i in np.flatnonzero(valid & (status != OK)):  # padding repeats samples already reported
+            self._bad_sample(int(rows[i]), int(status[i]))
+        valid = valid & (status == OK)
+        views = {name: self._to_torch(out[name]) for name in stream.names}
+        if self.cfg.recipe == "vae":
+            views["view"] = views["target"]
+        return Batch(views=views, labels=out["labels"].to(self.device, torch.int64, non_blocking=True),
+                     keys=[self.index.key(r) for r in rows], valid=torch.from_numpy(valid).to(self.device),
+                     epoch=self.epoch, step=self.step)
+
+    def _find_undecodable(self) -> bool:
+        """After a DALI failure: whether the batches the pipeline had in flight hold images that pass the cheap
+        structural check but do not decode (PIL tries each). Such samples are recorded, so that the restarted
+        stream replaces them as corrupt; strict mode stops instead."""
+        reader, c, found = self._reader(), self.index, set()
+        for ahead in range(self.cfg.prefetch + 2):
+            rows, _ = self.order.batch(*self.order.locate(self.epoch, self.position, ahead))
+            spans = reader.read(c.shard[rows], c.span_start[rows], c.span_end[rows])
+            for row, span in zip(rows, spans):
+                start = c.image_offset[row]
+                try:
+                    decode_rgb(span[start : start + c.image_size[row]])
+                except CorruptImage:
+                    found.add(int(row))
+        found -= self._undecodable
+        if found and self.cfg.strict:
+            raise BadSampleError(f"{self.index.where(min(found))}: image does not decode (strict)")
+        self._undecodable |= found
+        return bool(found)
+
+    def _bad_sample(self, row: int, status: int) -> None:
+        """Counted every time it comes up, logged the first time."""
+        what = f"{self.index.where(row)}: {STATUS_TEXT[status]}"
+        if self.cfg.strict:
+            raise BadSampleError(f"{what} (strict)")
+        self.stats[STATUS_TEXT[status]] += 1
+        if row not in self._reported:
+            self._reported.add(row)
+            log.warning("skipped %s (valid=False in its batch)", what)
+
+    def _to_torch(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.device, non_blocking=True)
+        if self.cfg.dtype == "bfloat16":
+            x = x.to(torch.bfloat16)
+        return x.permute(0, 3, 1, 2) if self.cfg.channels_last else x
+
+    # -- the DALI pipeline ----------------------------------------------------------------------------------------
+    def _reader(self):
+        if self.io == "posix":
+            return PosixReader(self.index.shard_paths)
+        return FsspecReader(self.index.fs, self.index.shard_paths)
+
+    def _start(self) -> _Stream:
+        from nvidia.dali import fn, pipeline_def, types
+        from nvidia.dali.plugin.pytorch import DALIGenericIterator
+
+        cfg, gpu = self.cfg, self.device.type == "cuda"
+        source = BatchSource(self.order, self.epoch, self.position, self._reader(),
+                             {k: getattr(self.index, k) for k in _COLUMNS}, len(self.index.manifest.classes),
+                             frozenset(self._undecodable))
+        views, profile = self.views, self.profile
+        out = Output(self.mean, self.std, cfg.channels_last, half=cfg.dtype == "float16")
+
+        @pipeline_def(enable_conditionals=uses_conditionals(views))
+        def graph():
+            encoded, labels, rows, status = fn.external_source(
+                source=source, num_outputs=4, batch=True, batch_info=True, parallel=True,
+                prefetch_queue_depth=cfg.prefetch, dtype=[types.UINT8, types.INT32, types.INT64, types.INT32],
+                ndim=[1, 0, 0, 0], bytes_per_sample_hint=int(self.index.image_size.max()) + 4096)
+            images = fn.decoders.image(encoded, device="mixed" if gpu else "cpu", output_type=types.RGB)
+            outputs = [eval_view(images, profile, out) if spec is None else random_view(images, spec, out)
+                       for spec in views.values()]
+            return (*outputs, labels, rows, status)
+
+        # Fork is cheap but unsafe once this process holds a CUDA context; spawn re-imports this package instead.
+        start_method = "spawn" if gpu or torch.cuda.is_initialized() else "fork"
+        entropy = [self.order.seed, self.rank, self.epoch, self.position]  # a resumed run does not replay augmentations
+        seed = int(np.random.SeedSequence(entropy).generate_state(1)[0] >> 1)
+        # DALI's auto_aug calls operators DALI has deprecated, and DALI forces their warnings on: record and drop them
+        with warnings.catch_warnings(record=True):
+            pipe = graph(batch_size=cfg.batch_size, num_threads=cfg.num_threads,
+                         device_id=self.device.index if gpu else None, seed=seed, py_num_workers=cfg.read_workers,
+                         py_start_method=start_method, prefetch_queue_depth=cfg.prefetch)
+            pipe.build()
+        names = list(views)
+        iterator = DALIGenericIterator([pipe], [*names, "labels", "rows", "status"])
+        return _Stream(pipe, iterator, names, self.epoch, self.position)
+
+    def close(self) -> None:
+        """Stops the DALI pipeline and its worker processes (a later iteration starts a new one where it left off)."""
+        self._stream = None  # dropping the pipeline shuts it and its workers down

@@ -1,0 +1,161 @@
+"""Statistics of the augmentation recipes, run by DALI's CPU backend on a few thousand samples of real shards:
+crop areas and aspect ratios within the configured ranges, flips and grayscale at their probabilities, the AASAE
+target equal to the eval transform, an auxiliary view that differs from the standard ones and is never black; and
+the output formats (dtype, channels-last)."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from scipy.ndimage import gaussian_filter1d
+
+from loader_data import RAMP_SIDE, colour_samples, noise_samples, ramp_samples, write_split
+from pipeline.data.loader import ShardLoader
+from pipeline.data.loader_config import LoaderConfig
+from pipeline.data.normalization import mean_std
+from pipeline.data.recipes import PROFILES, aag_auxiliary_view, aag_standard_view, simclr_view, ViewSpec
+
+CIFAR_CLASSES = [str(k) for k in range(10)]
+N = 2000
+MEAN, STD = (np.asarray(v, np.float32)[None, :, None, None] for v in mean_std("cifar10"))
+
+
+def make_loader(manifest: str, recipe: str, batch: int = 500, **options) -> ShardLoader:
+    return ShardLoader(LoaderConfig(manifest=manifest, recipe=recipe, batch_size=batch, num_threads=2,
+                                    read_workers=1, device="cpu", **options))
+
+
+def epoch_views(loader: ShardLoader) -> dict[str, np.ndarray]:
+    """name -> (N, 3, H, W) pixels in 0..255 (normalisation undone) over one epoch, padding dropped."""
+    views: dict[str, list] = {}
+    for batch in loader:
+        keep = batch.valid.numpy()
+        for name, x in batch.views.items():
+            views.setdefault(name, []).append((x.float().numpy()[keep] * STD + MEAN) * 255)
+    loader.close()
+    return {name: np.concatenate(parts) for name, parts in views.items()}
+
+
+def is_gray(pixels: np.ndarray) -> np.ndarray:
+    spread = np.abs(pixels - pixels.mean(axis=1, keepdims=True)).max(axis=(1, 2, 3))
+    return spread < 1.0
+
+
+@pytest.fixture(scope="module")
+def colour(tmp_path_factory):
+    return write_split(str(tmp_path_factory.mktemp("colour")), "cifar10", "train", colour_samples(N), [700, 650, 650],
+                       CIFAR_CLASSES)
+
+
+@pytest.fixture(scope="module")
+def ramps(tmp_path_factory):
+    return write_split(str(tmp_path_factory.mktemp("ramps")), "cifar10", "train", ramp_samples(N), [1000, 1000],
+                       CIFAR_CLASSES)
+
+
+def geometry_only(spec: ViewSpec) -> ViewSpec:
+    """The view's crop and flip, without the colour operations that would change the ramp's values."""
+    return dataclasses.replace(spec, jitter_p=0.0, gray_p=0.0, blur_p=0.0, randaugment=None)
+
+
+@pytest.mark.slow
+def test_crop_areas_aspect_ratios_and_flips(ramps):
+    cifar = PROFILES["cifar"]
+    specs = {"simclr": simclr_view(cifar), "aag_standard": aag_standard_view(cifar),
+             "aag_auxiliary": aag_auxiliary_view(cifar, 2, 10), "linear": ViewSpec(cifar.size, (0.08, 1.0))}
+    loader = make_loader(ramps, "aag")
+    loader.views = {name: geometry_only(spec) for name, spec in specs.items()}
+    views = epoch_views(loader)
+    for name, spec in specs.items():
+        red, green = views[name][:, 0], views[name][:, 1]  # 4x and 4y of the source pixel
+        size = red.shape[-1]
+        # the first and last output columns sample the crop 0.5 and size - 0.5 output pixels from its edges
+        dx = (red[:, :, -1] - red[:, :, 0]).mean(axis=1) / 4 * size / (size - 1)
+        dy = (green[:, -1, :] - green[:, 0, :]).mean(axis=1) / 4 * size / (size - 1)
+        area = np.abs(dx * dy) / RAMP_SIDE**2
+        aspect = np.abs(dx / dy)
+        lo, hi = spec.scale
+        assert area.min() >= lo - 0.02 and area.max() <= hi + 0.02, (name, area.min(), area.max())
+        assert area.min() < lo + 0.05 and area.max() > 0.9, name  # the whole range is drawn from
+        assert aspect.min() >= spec.ratio[0] - 0.05 and aspect.max() <= spec.ratio[1] + 0.05, name
+        assert abs((dx < 0).mean() - spec.flip) < 0.05, name
+        assert (dy > 0).all(), name  # never flipped vertically
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", ["simclr", "aag"])
+def test_grayscale_at_its_probability(colour, recipe):
+    views = epoch_views(make_loader(colour, recipe))
+    for name in ("u", "v"):
+        assert abs(is_gray(views[name]).mean() - 0.2) < 0.03, name
+    if recipe == "aag":
+        assert not is_gray(views["w"]).any()
+
+
+@pytest.mark.slow
+def test_blur_is_a_gaussian_of_the_configured_window_applied_half_the_time(tmp_path):
+    """STL-10 profile: 96 px views, 9-tap window (10% of the side). Full-image crops of noise images, so that an
+    unblurred view is the image itself and a blurred one must match some sigma in 0.1-2."""
+    samples = noise_samples(400)
+    manifest = write_split(str(tmp_path), "stl10", "train", samples, [400], CIFAR_CLASSES)
+    loader = make_loader(manifest, "linear", batch=100, shuffle=False)
+    loader.views = {"image": ViewSpec(96, (1.0, 1.0), (1.0, 1.0), flip=0.0, blur_p=0.5)}
+    mean, std = (np.asarray(v, np.float32)[None, :, None, None] for v in mean_std("stl10"))
+    views = np.round(np.concatenate([b.views["image"].numpy() for b in loader]) * std * 255 + mean * 255)
+    loader.close()
+    originals = np.stack([np.asarray(Image.open(io.BytesIO(parts["png"]))) for _, parts in samples])
+    originals = originals.transpose(0, 3, 1, 2).astype(np.float64)
+    changed = np.abs(views - originals).max(axis=(1, 2, 3)) > 0
+    # P(blur) * P(sigma large enough to change a uint8 value, about > 0.25) = 0.5 * 0.92
+    assert abs(changed.mean() - 0.46) < 0.07
+    def blur(image, sigma):  # a 9-tap Gaussian, reflecting at the borders, rounded to uint8 after each pass
+        for axis in (2, 1):
+            image = np.round(gaussian_filter1d(image, sigma, axis=axis, mode="mirror", truncate=4 / sigma))
+        return image
+
+    for view, original in zip(views[changed][:20], originals[changed][:20]):
+        assert min(np.abs(view - blur(original, s)).mean() for s in np.arange(0.1, 2.005, 0.01)) < 1.0
+
+
+@pytest.mark.slow
+def test_aasae_target_is_the_eval_transform_and_the_view_is_augmented(colour):
+    aasae = make_loader(colour, "aasae", seed=5)
+    evaluation = make_loader(colour, "eval", seed=5)
+    for pair, single in zip(aasae, evaluation):
+        assert pair.keys == single.keys
+        torch.testing.assert_close(pair.views["target"], single.views["image"], rtol=0, atol=0)
+        differs = (pair.views["view"] - pair.views["target"]).abs().flatten(1).mean(1) > 0.05
+        assert differs.float().mean() > 0.95
+    aasae.close()
+    evaluation.close()
+    vae = next(iter(make_loader(colour, "vae", seed=5)))
+    assert vae.views["view"] is vae.views["target"]
+
+
+@pytest.mark.slow
+def test_auxiliary_view_differs_from_the_standard_views_and_is_never_black(colour):
+    views = epoch_views(make_loader(colour, "aag"))
+    u, v, w = views["u"], views["v"], views["w"]
+    for standard in (u, v):
+        assert (np.abs(w - standard).mean(axis=(1, 2, 3)) > 5).all()
+    brightest = w.max(axis=(1, 2, 3))
+    dark_fraction = (w.max(axis=1) < 8).mean(axis=(1, 2))
+    fill_fraction = (np.abs(w - 128).max(axis=1) < 0.5).mean(axis=(1, 2))
+    assert brightest.min() > 60 and dark_fraction.max() < 0.5
+    assert fill_fraction.mean() < 0.05 and fill_fraction.max() < 0.5  # translations keep the content inside
+
+
+@pytest.mark.parametrize("dtype, channels_last", [("bfloat16", False), ("float16", True), ("float32", True)])
+def test_output_dtype_and_layout(colour, dtype, channels_last):
+    reference = next(iter(make_loader(colour, "eval", batch=64, shuffle=False)))
+    batch = next(iter(make_loader(colour, "eval", batch=64, shuffle=False, dtype=dtype, channels_last=channels_last)))
+    image = batch.views["image"]
+    assert image.shape == (64, 3, 32, 32) and image.dtype == getattr(torch, dtype)
+    assert image.is_contiguous(memory_format=torch.channels_last) == channels_last
+    torch.testing.assert_close(image.float(), reference.views["image"], atol=0.02, rtol=0.01)
+    assert batch.labels.dtype == torch.int64 and batch.keys == reference.keys
