@@ -196,3 +196,16 @@ def test_bad_options_and_unknown_dataset_exit_2(tmp_path):
     assert run_tool("digits", "--out", str(tmp_path), "--samples-per-shard", "0").returncode == 2
     bad_split = run_tool("cifar10", "--src", str(tmp_path), "--split", "valid", "--out", str(tmp_path))
     assert bad_split.returncode == 2 and "splits" in bad_split.stderr
+
+
+def test_splits_converted_concurrently_into_one_folder(tmp_path):
+    """One job per split (a Slurm array, a Kubernetes Job per split) may share the output folder."""
+    procs = [subprocess.Popen([sys.executable, TOOL, "digits", "--split", split, "--out", str(tmp_path),
+                               "--samples-per-shard", "20", "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for split in ("train", "test")]
+    for proc in procs:
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err.decode()
+    result = run_tool("digits", "--out", str(tmp_path), "--verify-only")
+    assert result.returncode == 0, result.stderr
+    assert not (tmp_path / "_partial").exists()

@@ -1,6 +1,7 @@
 """Converts a dataset source into shards: plan, write in parallel, resume, report.
 
-Crash safety: shards are written under `_partial/` and moved to their final names only when complete; the manifest is
+Crash safety: shards are written under `_partial/{dataset}-{split}/` (one folder per split, so conversions of
+different splits can share an output folder at the same time) and moved to their final names only when complete; the manifest is
 rewritten (atomically) after every finished shard, so a re-run verifies what is listed by checksum, skips it, and
 writes only what is missing. The plan (which samples go in which shard) is a pure function of the source listing and
 the options, and its fingerprint guards a folder against being resumed with another dataset or other options.
@@ -127,8 +128,12 @@ def file_sha256(fs, path: str) -> str:
     return h.hexdigest()
 
 
-def write_atomic(fs, path: str, text: str) -> None:
-    tmp = posixpath.join(posixpath.dirname(path), PARTIAL_DIR, posixpath.basename(path))
+def partial_dir(out_dir: str, source: Source) -> str:
+    return posixpath.join(out_dir, PARTIAL_DIR, f"{source.dataset}-{split_slug(source.split)}")
+
+
+def write_atomic(fs, path: str, text: str, tmp_dir: str) -> None:
+    tmp = posixpath.join(tmp_dir, posixpath.basename(path))
     with fs.open(tmp, "w") as f:
         f.write(text)
     fs.mv(tmp, path)
@@ -148,7 +153,7 @@ def _encode(source: Source, i: int, opts: ConvertOptions):
 def write_shard(shard_index: int, samples: list[int], tick=None) -> tuple[int, ShardEntry, list[dict]]:
     source, opts, fs, out_dir = (_job_state[k] for k in ("source", "opts", "fs", "out_dir"))
     name = shard_name(source.dataset, source.split, shard_index)
-    writer = ShardWriter(fs, out_dir, posixpath.join(out_dir, PARTIAL_DIR), name)
+    writer = ShardWriter(fs, out_dir, partial_dir(out_dir, source), name)
     problems: list[dict] = []
     try:
         for i in samples:
@@ -220,9 +225,13 @@ def convert(source: Source, out_url: str, opts: ConvertOptions, progress: bool =
     fingerprint = plan_fingerprint(source, opts, plan)
     fs.makedirs(out_dir, exist_ok=True)
     existing = _check_output(fs, out_dir, source, fingerprint, opts.overwrite)
-    partial = posixpath.join(out_dir, PARTIAL_DIR)
+    partial = partial_dir(out_dir, source)
     if fs.exists(partial):
         fs.rm(partial, recursive=True)
+    try:  # the shared parent goes too, unless another split's conversion is using it
+        fs.rmdir(posixpath.join(out_dir, PARTIAL_DIR))
+    except OSError:
+        pass
     fs.makedirs(partial, exist_ok=True)
 
     manifest = Manifest(dataset=source.dataset, split=source.split, classes=list(source.classes),
@@ -244,11 +253,11 @@ def convert(source: Source, out_url: str, opts: ConvertOptions, progress: bool =
         done[entry.name] = entry
         report.extend(problems)
         manifest.shards = sorted(done.values(), key=lambda e: e.name)
-        write_atomic(fs, report_path, "".join(json.dumps(p) + "\n" for p in report))
-        write_atomic(fs, manifest_path, manifest.to_json())
+        write_atomic(fs, report_path, "".join(json.dumps(p) + "\n" for p in report), partial)
+        write_atomic(fs, manifest_path, manifest.to_json(), partial)
 
     manifest.shards = sorted(done.values(), key=lambda e: e.name)
-    write_atomic(fs, manifest_path, manifest.to_json())
+    write_atomic(fs, manifest_path, manifest.to_json(), partial)
     jobs = [(k, s) for k, s in enumerate(plan) if shard_name(source.dataset, source.split, k) not in done]
     summary = Summary(source.dataset, source.split, shards=len(plan), shards_resumed=len(plan) - len(jobs),
                       manifest=fs.unstrip_protocol(manifest_path))
@@ -265,8 +274,12 @@ def convert(source: Source, out_url: str, opts: ConvertOptions, progress: bool =
         bar.close()
         _job_state.clear()
     manifest.complete = True
-    write_atomic(fs, manifest_path, manifest.to_json())
+    write_atomic(fs, manifest_path, manifest.to_json(), partial)
     fs.rm(partial, recursive=True)
+    try:  # the shared parent goes too, unless another split's conversion is using it
+        fs.rmdir(posixpath.join(out_dir, PARTIAL_DIR))
+    except OSError:
+        pass
     summary.shards_written = len(jobs)
     summary.samples = manifest.num_samples
     summary.bytes = sum(e.bytes for e in manifest.shards)
