@@ -1,0 +1,199 @@
+"""Checkpoints of one run directory: save, keep the last K, find the newest usable one, refuse foreign ones.
+
+Layout of `run_dir`:
+    experiment.json                  what this run dir is for (fingerprint); a run with another fingerprint is refused
+    checkpoints/step000001000/       one DeepSpeed checkpoint (every rank writes its files: save_checkpoint is
+        *.pt                         collective), plus per-rank RNG states, the exported encoder, and
+        rng_rank{r}.pt               COMPLETE.json: written by rank 0 last, listing every file with its size.
+        encoder.safetensors
+        COMPLETE.json
+
+A tag without COMPLETE.json was interrupted while saving and is ignored. Before loading, rank 0 checks the newest
+complete tag (sizes, and the CRC of every member of every file: torch.save writes zip archives) and falls back to
+older ones with a warning until one passes; the verdict is broadcast, so all ranks load the same tag or none.
+(Without that, a corrupt file that only one rank reads would fail that rank alone and leave the others waiting.)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+
+from pipeline.engine import rng
+from pipeline.engine.safe_load import safe_load
+
+log = logging.getLogger(__name__)
+MARKER = "COMPLETE.json"
+_TAG = re.compile(r"^step(\d{9})$")
+
+
+class RunDirError(RuntimeError):
+    """The run directory belongs to another experiment."""
+
+
+def tag_for(step: int) -> str:
+    return f"step{step:09d}"
+
+
+@dataclass
+class Restored:
+    tag: str
+    step: int
+    path: Path
+    client_state: dict
+    same_world: bool  # False: the RNG states were not restored (the trainer reseeds)
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _broadcast(obj):
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+class Checkpoints:
+    def __init__(self, run_dir: str | os.PathLike, fingerprint: dict, keep_last: int = 3):
+        if keep_last < 1:
+            raise ValueError("checkpoint.keep_last must be >= 1")
+        self.run_dir = Path(run_dir)
+        self.dir = self.run_dir / "checkpoints"
+        self.fingerprint, self.keep_last = fingerprint, keep_last
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+
+    # -- ownership ------------------------------------------------------------------------------------------------
+    def claim(self) -> None:
+        """Refuse a run dir made by another experiment; otherwise record this one's fingerprint (rank 0)."""
+        path = self.run_dir / "experiment.json"
+        error = None
+        if self.rank == 0:
+            if path.exists():
+                saved = json.loads(path.read_text())
+                if saved != self.fingerprint:
+                    differ = sorted(k for k in set(saved) | set(self.fingerprint) if saved.get(k) != self.fingerprint.get(k))
+                    error = (f"run dir {self.run_dir} holds checkpoints of another experiment (differs in "
+                             f"{', '.join(differ)}: {', '.join(f'{k}={saved.get(k)!r}' for k in differ)}); "
+                             f"choose another run_dir")
+            elif self.complete_tags():
+                error = f"run dir {self.run_dir} holds checkpoints but no experiment.json: refusing to mix runs"
+            else:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_suffix(".tmp")
+                tmp.write_text(json.dumps(self.fingerprint, indent=1, sort_keys=True))
+                tmp.replace(path)
+        error = _broadcast(error)
+        if error:
+            raise RunDirError(error)
+
+    # -- listing and verification ---------------------------------------------------------------------------------
+    def complete_tags(self) -> list[str]:
+        if not self.dir.is_dir():
+            return []
+        tags = [p.name for p in self.dir.iterdir() if _TAG.match(p.name) and (p / MARKER).is_file()]
+        return sorted(tags)
+
+    def verify(self, tag: str) -> str | None:
+        """None if every file of `tag` is as COMPLETE.json lists it and every zip member passes its CRC; else why."""
+        folder = self.dir / tag
+        try:
+            listed = json.loads((folder / MARKER).read_text())["files"]
+        except (OSError, ValueError, KeyError) as err:
+            return f"unreadable {MARKER}: {err}"
+        for name, size in listed.items():
+            path = folder / name
+            if not path.is_file():
+                return f"{name} is missing"
+            if path.stat().st_size != size:
+                return f"{name} has {path.stat().st_size} bytes, {size} were written"
+            if name.endswith(".pt"):
+                try:
+                    with zipfile.ZipFile(path) as archive:
+                        bad = archive.testzip()
+                except (zipfile.BadZipFile, OSError) as err:
+                    return f"{name} is not a valid torch archive: {err}"
+                if bad is not None:
+                    return f"{name}: member {bad} fails its CRC check"
+        return None
+
+    # -- saving ---------------------------------------------------------------------------------------------------
+    def save(self, engine, step: int, client_state: dict, extras: Callable[[Path], None] | None = None) -> Path:
+        """Collective: every rank must call it at the same step."""
+        tag = tag_for(step)
+        folder = self.dir / tag
+        engine.save_checkpoint(str(self.dir), tag=tag, client_state=client_state, save_latest=True)
+        torch.save(rng.capture(), folder / f"rng_rank{self.rank}.pt")
+        if extras is not None:
+            extras(folder)
+        _barrier()
+        if self.rank == 0:
+            files = {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file() and p.name != MARKER}
+            tmp = folder / (MARKER + ".tmp")
+            marker = {"step": step, "world_size": dist.get_world_size() if dist.is_initialized() else 1,
+                      "zero_stage": int(engine.zero_optimization_stage()), "files": files}
+            tmp.write_text(json.dumps(marker, indent=1))
+            tmp.replace(folder / MARKER)
+            self._prune(tag)
+        _barrier()
+        return folder
+
+    def _prune(self, newest: str) -> None:
+        keep = set(self.complete_tags()[-self.keep_last:])
+        for p in self.dir.iterdir():
+            if _TAG.match(p.name) and p.name not in keep and p.name <= newest:
+                shutil.rmtree(p, ignore_errors=True)
+
+    # -- loading --------------------------------------------------------------------------------------------------
+    def choose(self) -> dict | None:
+        """Rank 0 picks the newest tag that verifies (warning about each one skipped); every rank gets its
+        COMPLETE.json (with the tag added), or None."""
+        chosen = None
+        if self.rank == 0:
+            for tag in reversed(self.complete_tags()):
+                problem = self.verify(tag)
+                if problem is None:
+                    chosen = {**json.loads((self.dir / tag / MARKER).read_text()), "tag": tag}
+                    break
+                log.warning("checkpoint %s is unusable (%s); falling back to the previous one", self.dir / tag, problem)
+        return _broadcast(chosen)
+
+    def load_latest(self, engine) -> Restored | None:
+        """Restore weights, optimizer, schedule and this rank's RNG from the newest usable checkpoint, if any."""
+        marker = self.choose()
+        if marker is None:
+            return None
+        tag, saved_world = marker["tag"], marker["world_size"]
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        if saved_world != world and marker["zero_stage"] >= 1:
+            raise RuntimeError(
+                f"checkpoint {self.dir / tag} was written by {saved_world} ranks under ZeRO {marker['zero_stage']}; "
+                f"DeepSpeed 0.19.8 cannot re-partition ZeRO optimizer states for {world} ranks. Resume with "
+                f"{saved_world} ranks (checkpoints of zero_stage 0 resume at any world size).")
+        path, client_state = engine.load_checkpoint(str(self.dir), tag=tag, load_optimizer_states=True,
+                                                    load_lr_scheduler_states=True)
+        if path is None:
+            raise RuntimeError(f"DeepSpeed could not load checkpoint {self.dir / tag}")
+        rng_file = self.dir / tag / f"rng_rank{self.rank}.pt"
+        same_world = saved_world == world
+        if same_world and rng_file.is_file():
+            rng.restore(safe_load(str(rng_file)))
+        return Restored(tag=tag, step=marker["step"], path=self.dir / tag, client_state=client_state or {},
+                        same_world=same_world)
+
+    def last_complete(self) -> Path | None:
+        tags = self.complete_tags()
+        return self.dir / tags[-1] if tags else None

@@ -1,0 +1,85 @@
+"""Where training metrics go: Weights & Biases (offline unless configured), run_dir/metrics.jsonl, and a tqdm bar.
+
+Only rank 0 writes anything; the trainer averages metrics over ranks before handing them here. W&B offline needs
+no account or network (`wandb sync run_dir/wandb/offline-run-*` uploads later); its run id is kept in every
+checkpoint so that a resumed run continues the same W&B run. Credentials come from the environment (WANDB_API_KEY),
+never from a config.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+
+WANDB_MODES = ("offline", "online", "disabled")
+
+
+class RunLogger:
+    def __init__(self, cfg: DictConfig, run_dir: Path, is_main: bool, run_id: str | None, total_steps: int,
+                 start_step: int):
+        if cfg.logger.wandb_mode not in WANDB_MODES:
+            raise ValueError(f"logger.wandb_mode={cfg.logger.wandb_mode!r}; choose from {WANDB_MODES}")
+        self.is_main, self.run_dir = is_main, Path(run_dir)
+        self.run_id, self.wandb, self.bar = run_id, None, None
+        if not is_main:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.jsonl = open(self.run_dir / "metrics.jsonl", "a")
+        if cfg.logger.wandb_mode != "disabled":
+            import wandb
+
+            self.wandb = wandb.init(
+                project=cfg.logger.project, entity=cfg.logger.entity, group=cfg.logger.group,
+                tags=list(cfg.logger.tags), name=cfg.experiment_name, id=run_id, resume="allow",
+                dir=str(self.run_dir), mode=cfg.logger.wandb_mode,
+                config=OmegaConf.to_container(cfg, resolve=True),
+                settings=wandb.Settings(console="off", silent=True, disable_git=True, save_code=False))
+            self.run_id = self.wandb.id
+        if cfg.logger.progress_bar:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total_steps, initial=start_step, desc=cfg.experiment_name, dynamic_ncols=True,
+                            unit="step")
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        if not self.is_main:
+            return
+        clean = {k: (v if math.isfinite(v) else str(v)) for k, v in metrics.items()}
+        self.jsonl.write(json.dumps({"step": step, **clean}) + "\n")
+        self.jsonl.flush()
+        if self.wandb is not None:
+            self.wandb.log(metrics, step=step)
+        if self.bar is not None:
+            self.bar.set_postfix({k: f"{metrics[k]:.4g}" for k in ("loss", "lr") if k in metrics}, refresh=False)
+
+    def log_images(self, step: int, name: str, grid: np.ndarray, caption: str) -> None:
+        """grid: HWC uint8."""
+        if self.is_main and self.wandb is not None:
+            import wandb
+
+            self.wandb.log({name: wandb.Image(grid, caption=caption)}, step=step)
+
+    def advance(self, steps: int = 1) -> None:
+        if self.bar is not None:
+            self.bar.update(steps)
+
+    def message(self, text: str) -> None:
+        if not self.is_main:
+            return
+        if self.bar is not None:
+            self.bar.write(text)
+        else:
+            print(text, flush=True)
+
+    def finish(self) -> None:
+        if not self.is_main:
+            return
+        if self.bar is not None:
+            self.bar.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+        self.jsonl.close()

@@ -1,0 +1,27 @@
+"""Checkpoint files are read with torch.load(weights_only=True): a checkpoint from someone else cannot run code.
+
+DeepSpeed 0.19.8 reads its checkpoint files through `engine.checkpoint_engine.load`, whose torch implementation
+passes weights_only=False. SafeCheckpointEngine replaces it on our engines. Its optimizer files hold four DeepSpeed
+types besides tensors and containers; they are allow-listed by name, and the weights-only unpickler rebuilds them
+from their fields (enum values, dataclass fields, plain attributes) without calling anything they name.
+"""
+
+from __future__ import annotations
+
+import torch
+from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+from deepspeed.runtime.zero.config import ZeroStageEnum
+from deepspeed.utils.tensor_fragment import fragment_address
+
+SAFE_GLOBALS = [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def safe_load(path: str, map_location=None):
+    with torch.serialization.safe_globals(SAFE_GLOBALS):
+        return torch.load(path, map_location=map_location, weights_only=True)
+
+
+class SafeCheckpointEngine(TorchCheckpointEngine):
+    def load(self, path: str, map_location=None):
+        return safe_load(path, map_location)

@@ -1,0 +1,275 @@
+"""The training loop: one composed config in, a trained (and exported) encoder and a run directory out.
+
+Per micro-batch: views from the loader -> method forward -> one small all_reduce that tells every rank whether any
+rank saw a non-finite loss or received a stop signal -> backward -> engine.step (DeepSpeed applies the optimizer and
+the schedule at accumulation boundaries). Per optimizer step: metrics (averaged over ranks) every
+`log_every_steps`, AASAE/VAE reconstruction grids every `image_every_steps`, a checkpoint every `every_steps`.
+Per epoch: the kNN monitor every `knn_every_epochs`. At the end: a last checkpoint, kNN, and the exported encoder.
+
+Resume: the newest usable checkpoint in run_dir restores weights, optimizer, schedule, RNG, the loader position and
+the W&B run id. After every checkpoint the loader restarts its input stream at its position, exactly as a resumed
+run starts one there, so that an interrupted-and-resumed run sees the same augmentations and computes the same
+losses as an uninterrupted one (bit for bit on the CPU at the same world size).
+
+Exit: returns "done" or "stopped" (a SIGTERM/SIGUSR1 made it checkpoint and stop); raises NonFiniteLoss naming the
+step and the last good checkpoint when a loss is NaN/inf (nothing is saved then).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import resource
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig, OmegaConf
+
+from pipeline.data.shard_format import read_manifest
+from pipeline.engine import rng
+from pipeline.engine.checkpoint import Checkpoints
+from pipeline.engine.dist_env import resolve
+from pipeline.engine.engine import BatchGeometry, build_engine, init_distributed
+from pipeline.engine.export import encoder_state, save_encoder
+from pipeline.engine.feature_pass import features
+from pipeline.engine.loaders import build_loader
+from pipeline.engine.model import build_model
+from pipeline.engine.run_logger import RunLogger
+from pipeline.engine.stop_signals import StopSignals
+from pipeline.monitors import KNNMonitor
+
+log = logging.getLogger(__name__)
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class NonFiniteLoss(RuntimeError):
+    """A loss was NaN or infinite; training stopped without saving."""
+
+
+def fingerprint(cfg: DictConfig) -> dict:
+    """What must match for a run dir's checkpoints to be this experiment's: the name and everything that shapes
+    the weights."""
+    return {"experiment_name": cfg.experiment_name, "method": OmegaConf.to_container(cfg.method, resolve=True),
+            "backbone": OmegaConf.to_container(cfg.backbone, resolve=True), "dataset": cfg.data.dataset,
+            "stem": cfg.data.stem, "image_size": cfg.data.image_size}
+
+
+def _mean_over_ranks(values: dict[str, torch.Tensor]) -> dict[str, float]:
+    keys = sorted(values)
+    stacked = torch.stack([values[k].detach().float().reshape(()) for k in keys])
+    if dist.is_initialized():
+        dist.all_reduce(stacked, op=dist.ReduceOp.SUM)
+        stacked /= dist.get_world_size()
+    return dict(zip(keys, stacked.tolist()))
+
+
+def _to_uint8(x: torch.Tensor, mean, std) -> torch.Tensor:
+    m = torch.tensor(mean, device=x.device).view(1, 3, 1, 1)
+    s = torch.tensor(std, device=x.device).view(1, 3, 1, 1)
+    return ((x.float() * s + m).clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+@torch.no_grad()
+def reconstruction_grid(method, views: dict[str, torch.Tensor], mean, std, n: int = 8) -> np.ndarray:
+    """Rows: original (target), encoder input (view), reconstruction D(mu). Collective under ZeRO 3."""
+    was_training = method.training
+    method.eval()
+    view, target = views["view"][:n], views["target"][:n]
+    mu, _ = method.projection(method.encoder(view))
+    recon = method.decoder(mu)
+    method.train(was_training)
+    rows = [torch.cat(list(_to_uint8(t, mean, std)), dim=2) for t in (target, view, recon)]  # (3, H, n*W) each
+    return torch.cat(rows, dim=1).permute(1, 2, 0).cpu().numpy()
+
+
+def _memory() -> dict[str, float]:
+    out = {"memory/cpu_max_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+    if torch.cuda.is_available():
+        out["memory/gpu_max_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    return out
+
+
+class Trainer:
+    def __init__(self, cfg: DictConfig):
+        self.cfg = cfg
+        self.env = resolve()
+        self.device = init_distributed(self.env)
+        self.rank, self.world = self.env.rank, self.env.world_size
+        if cfg.deepspeed.precision not in DTYPES:
+            raise ValueError(f"deepspeed.precision={cfg.deepspeed.precision!r}; choose from {sorted(DTYPES)}")
+        self.dtype = DTYPES[cfg.deepspeed.precision]
+        self.run_dir = Path(cfg.run_dir)
+        self.checkpoints = Checkpoints(self.run_dir, fingerprint(cfg), cfg.checkpoint.keep_last)
+        self.checkpoints.claim()  # before anything slow: a wrong run_dir fails at once
+        self.geometry = BatchGeometry(cfg.data.batch_size, self.world, cfg.deepspeed.grad_accum_steps).check()
+        self.ga = cfg.deepspeed.grad_accum_steps
+
+        self.loader = build_loader(cfg.data, cfg.data.train_manifest, cfg.method.recipe, self.geometry.micro_batch,
+                                   self.rank, self.world, seed=cfg.seed, shuffle=True)
+        classes = read_manifest(cfg.data.train_manifest).classes
+        self.num_classes = len(classes) if cfg.monitor.online_probe else 0
+        micro_per_epoch = self.loader.steps_per_epoch
+        self.total_steps = cfg.max_steps or max(1, math.floor(cfg.epochs * micro_per_epoch / self.ga))
+        warmup = min(self.total_steps, round(cfg.schedule.warmup_epochs * micro_per_epoch / self.ga))
+
+        rng.seed_all(cfg.seed)  # identical initial weights on every rank
+        self.method = build_model(cfg, self.num_classes)
+        self.engine, self.optimizer, self.schedule = build_engine(cfg, self.method, self.geometry,
+                                                                  self.total_steps, warmup, self.device)
+        self.method = self.engine.module
+        rng.seed_all(cfg.seed + 1_000_003 * self.rank)  # independent noise per rank from here on
+
+        self.step, self.micro, self.wandb_id, self.last_saved = 0, 0, None, -1
+        if cfg.checkpoint.resume:
+            self._resume()
+        elif self.checkpoints.complete_tags():  # a fresh start would interleave its checkpoints with old ones
+            raise RuntimeError(f"{self.run_dir} holds checkpoints and checkpoint.resume=false: choose another "
+                               "run_dir (or resume)")
+        self.logger = RunLogger(cfg, self.run_dir, self.rank == 0, self.wandb_id, self.total_steps, self.step)
+        if self.rank == 0:
+            OmegaConf.save(cfg, self.run_dir / "config.yaml", resolve=True)
+
+    # -- checkpoints ----------------------------------------------------------------------------------------------
+    def _resume(self) -> None:
+        restored = self.checkpoints.load_latest(self.engine)
+        if restored is None:
+            return
+        state = restored.client_state
+        self.step = self.last_saved = int(state["step"])
+        self.micro = self.step * self.ga  # checkpoints are only taken at accumulation boundaries
+        self.wandb_id = state.get("wandb_run_id")
+        self.loader.load_state_dict(state["loader"])
+        if not restored.same_world:  # the saved per-rank RNG streams do not map onto this world: reseed
+            rng.seed_all(zlib.crc32(f"{self.cfg.seed}/{self.rank}/{self.step}".encode()))
+        log.warning("resumed from %s (step %d, epoch %d, world size %d -> %d)", restored.path, self.step,
+                    self.loader.epoch, state.get("world_size", 0), self.world)
+
+    def save(self) -> Path:
+        client_state = {"step": self.step, "loader": self.loader.state_dict(), "world_size": self.world,
+                        "wandb_run_id": self.logger.run_id if self.rank == 0 else None}
+
+        def export(folder: Path) -> None:
+            self._export(folder / "encoder.safetensors")
+
+        folder = self.checkpoints.save(self.engine, self.step, client_state, extras=export)
+        self.last_saved = self.step
+        self.loader.close()  # restart the input stream here, as a resumed run would (see the module docstring)
+        return folder
+
+    def _export(self, path: Path) -> None:
+        state = encoder_state(self.method.encoder, self.cfg.deepspeed.zero_stage)
+        if self.rank == 0:
+            save_encoder(state, self.method.encoder, path, step=self.step, experiment=self.cfg.experiment_name)
+
+    # -- monitors -------------------------------------------------------------------------------------------------
+    def knn(self) -> float | None:
+        data, mon = self.cfg.data, self.cfg.monitor
+        classes = len(read_manifest(data.bank_manifest).classes)
+        monitor = KNNMonitor(classes, k=mon.knn_k, temperature=mon.knn_temperature)
+        for manifest, add in ((data.bank_manifest, monitor.add_bank), (data.test_manifest, monitor.add_queries)):
+            loader = build_loader(data, manifest, "eval", self.geometry.micro_batch, self.rank, self.world,
+                                  shuffle=False)
+            add(*features(self.method.encoder, loader, self.dtype))
+            loader.close()
+        return monitor.compute()
+
+    # -- the loop -------------------------------------------------------------------------------------------------
+    def run(self) -> str:
+        signals = StopSignals().install()
+        status = "done"
+        self.window = {"data": 0.0, "steps": 0, "since": time.perf_counter()}
+        try:
+            while self.step < self.total_steps and status == "done":
+                status = self._epoch(signals)
+                if status == "done" and self.loader.position == 0 and self._knn_due(self.loader.epoch):
+                    self._log_knn()
+            if status == "done":
+                if self.last_saved != self.step:
+                    self.save()
+                if self.cfg.monitor.knn_every_epochs > 0:
+                    self._log_knn()
+                if self.cfg.export_encoder:
+                    self._export(self.run_dir / "encoder.safetensors")
+        finally:
+            signals.uninstall()
+            self.loader.close()
+            self.logger.finish()
+        return status
+
+    def _epoch(self, signals: StopSignals) -> str:
+        """Train until the end of the loader's epoch, the last step, or a stop signal."""
+        engine, accumulated = self.engine, {}
+        batches = iter(self.loader)
+        while self.step < self.total_steps:
+            tick = time.perf_counter()
+            batch = next(batches, None)
+            if batch is None:
+                return "done"
+            self.window["data"] += time.perf_counter() - tick
+            views = {k: batch.views[k].to(self.dtype) for k in self.method.views}
+            loss, metrics = engine(views, batch.labels)
+            # one collective, on the device (NCCL reduces CUDA tensors only), and one host sync per micro-batch
+            flags = torch.stack([torch.tensor(float(signals.received is not None), device=loss.device),
+                                 (~torch.isfinite(loss.detach())).float()])
+            if dist.is_initialized():
+                dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            stop, non_finite = flags.tolist()
+            if non_finite:
+                last = self.checkpoints.last_complete()
+                where = "this rank" if not torch.isfinite(loss) else "another rank"
+                raise NonFiniteLoss(f"non-finite loss at step {self.step + 1} (epoch {batch.epoch}, batch "
+                                    f"{batch.step}, seen on {where}); last good checkpoint: "
+                                    f"{last if last is not None else 'none'}")
+            engine.backward(loss)
+            engine.step()
+            for k, v in metrics.items():
+                accumulated[k] = accumulated.get(k, 0) + v.detach().float() / self.ga
+            self.micro += 1
+            if self.micro % self.ga:
+                continue
+            self.step += 1
+            self._after_step(accumulated, batch, views)
+            accumulated = {}
+            if stop:
+                self.logger.message(f"stop signal: checkpointing at step {self.step} and exiting")
+                self.save()
+                return "stopped"
+        return "done"
+
+    def _knn_due(self, epochs_done: int) -> bool:
+        every = self.cfg.monitor.knn_every_epochs
+        return every > 0 and epochs_done % every == 0 and self.step < self.total_steps
+
+    def _log_knn(self) -> None:
+        accuracy = self.knn()
+        self.logger.log(self.step, {"knn/top1": accuracy, "epoch": self.loader.epoch})
+        self.logger.message(f"step {self.step}: kNN top-1 {accuracy:.4f}")
+
+    def _after_step(self, accumulated: dict, batch, views: dict) -> None:
+        cfg, window = self.cfg, self.window
+        self.logger.advance()
+        window["steps"] += 1
+        if self.step % cfg.logger.log_every_steps == 0 or self.step == self.total_steps:
+            now = time.perf_counter()
+            elapsed = max(now - window["since"], 1e-9)
+            metrics = _mean_over_ranks(accumulated)
+            metrics.update({
+                "lr": self.schedule.get_last_lr()[0],
+                "epoch": batch.epoch + (batch.step + 1) / self.loader.steps_per_epoch,
+                "samples": self.loader.position,
+                "perf/images_per_s": window["steps"] * self.geometry.global_batch / elapsed,
+                "perf/data_wait_fraction": window["data"] / elapsed,
+                **_memory(),
+            })
+            self.logger.log(self.step, metrics)
+            window.update(data=0.0, steps=0, since=now)
+        if cfg.logger.image_every_steps and "target" in views and self.step % cfg.logger.image_every_steps == 0:
+            grid = reconstruction_grid(self.method, views, self.loader.mean, self.loader.std)
+            self.logger.log_images(self.step, "reconstructions", grid, "rows: original, encoder input, D(mu)")
+        every = cfg.checkpoint.every_steps
+        if every and self.step % every == 0 and self.step < self.total_steps:
+            self.save()

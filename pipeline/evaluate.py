@@ -1,0 +1,112 @@
+"""`python -m pipeline.evaluate`: kNN and linear-probe accuracy (top-1, top-5) of a trained encoder, frozen.
+
+    python -m pipeline.evaluate data=cifar10 data.root=/shards/cifar10 encoder=runs/cifar10_aasae
+    python -m pipeline.evaluate data=stl10 encoder=runs/stl10_aasae/checkpoints/step000040000 protocols=[knn]
+    python -m pipeline.evaluate data=digits encoder=runs/smoke_aag/encoder.safetensors linear.epochs=20
+
+`encoder` is an exported encoder.safetensors, a checkpoint folder (each holds its exported encoder), or a run dir
+(its final export, else its newest complete checkpoint). No DeepSpeed is involved: the safetensors file carries the
+architecture. Training split: data.bank_manifest; test split: data.test_manifest; both read in order with the eval
+transform (the linear probe's training split with random crops and flips when linear.augment=true). Results are
+printed and written as JSON to `output` (default: eval_<dataset>.json beside the encoder).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from pipeline.engine import config_schema
+from pipeline.engine.compose import VERSION_BASE, precheck_cli
+
+config_schema.register()
+PROTOCOLS = ("knn", "linear")
+
+
+def find_encoder(path: str) -> Path:
+    p = Path(path)
+    if p.is_file():
+        return p
+    if (p / "encoder.safetensors").is_file():
+        return p / "encoder.safetensors"
+    checkpoints = sorted((p / "checkpoints").glob("step*/COMPLETE.json"))
+    if checkpoints and (checkpoints[-1].parent / "encoder.safetensors").is_file():
+        return checkpoints[-1].parent / "encoder.safetensors"
+    raise FileNotFoundError(f"no encoder.safetensors at {path} (nor in a complete checkpoint under it)")
+
+
+def evaluate(cfg: DictConfig) -> dict:
+    from pipeline.data.loader import resolve_device
+    from pipeline.data.shard_format import read_manifest
+    from pipeline.engine.export import load_encoder, read_metadata
+    from pipeline.engine.feature_pass import features
+    from pipeline.engine.loaders import build_loader
+    from pipeline.engine.probe import knn, linear_probe
+
+    unknown = sorted(set(cfg.protocols) - set(PROTOCOLS))
+    if unknown:
+        raise ValueError(f"protocols {unknown} unknown; choose from {PROTOCOLS}")
+    torch.manual_seed(cfg.seed)
+    device = resolve_device(cfg.device)
+    path = find_encoder(cfg.encoder)
+    encoder = load_encoder(path, device)
+    num_classes = len(read_manifest(cfg.data.bank_manifest).classes)
+    batch = cfg.linear.batch_size
+
+    def labelled(feats, labels):
+        keep = labels >= 0
+        return feats[keep], labels[keep]
+
+    def split(manifest: str, recipe: str = "eval", seed: int = 0):
+        loader = build_loader(cfg.data, manifest, recipe, batch, 0, 1, seed=seed, shuffle=recipe != "eval")
+        out = labelled(*features(encoder, loader))
+        loader.close()
+        return out
+
+    train, test = split(cfg.data.bank_manifest), split(cfg.data.test_manifest)
+    results = {"encoder": str(path), "step": read_metadata(path).get("step"), "dataset": cfg.data.dataset,
+               "train_samples": len(train[1]), "test_samples": len(test[1])}
+    if "knn" in cfg.protocols:
+        results["knn"] = knn(train, test, num_classes, cfg.knn_k, cfg.knn_temperature)
+    if "linear" in cfg.protocols:
+        lin = cfg.linear
+        stats = (train[0].mean(0), train[0].std(0).clamp_min(1e-6))
+
+        def batches(epoch: int):
+            feats, labels = split(cfg.data.bank_manifest, "linear", cfg.seed + epoch) if lin.augment else train
+            order = torch.randperm(len(labels), device=labels.device)
+            return [(feats[i], labels[i]) for i in order.split(batch)]
+
+        results["linear"] = linear_probe(batches, test, num_classes, encoder.out_dim, lin.epochs, lin.lr,
+                                         lin.momentum, lin.weight_decay, stats, cfg.seed)
+    return results
+
+
+@hydra.main(config_path="../configs", config_name="evaluate", version_base=VERSION_BASE)
+def _app(cfg: DictConfig) -> None:
+    results = evaluate(cfg)
+    out = Path(cfg.output) if cfg.output else Path(results["encoder"]).parent / f"eval_{cfg.data.dataset}.json"
+    out.write_text(json.dumps({**results, "config": OmegaConf.to_container(cfg, resolve=True)}, indent=1))
+    print(f"{'protocol':<10}{'top-1':>8}{'top-5':>8}   ({results['encoder']}, {cfg.data.dataset}: "
+          f"{results['train_samples']} train / {results['test_samples']} test)")
+    for name in PROTOCOLS:
+        if name in results:
+            print(f"{name:<10}{100 * results[name]['top1']:>8.2f}{100 * results[name]['top5']:>8.2f}")
+    print(f"written to {out}")
+
+
+def main() -> None:
+    problem = precheck_cli("evaluate", sys.argv[1:])
+    if problem:
+        print(f"pipeline.evaluate: {problem}", file=sys.stderr)
+        sys.exit(2)
+    _app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,118 @@
+"""`python -m pipeline.train` as a job scheduler sees it, one process on real digits shards with W&B offline:
+SIGTERM and SIGUSR1 checkpoint and exit 0, the next start resumes the same W&B run, a corrupt newest checkpoint
+falls back to the previous one with a warning, a non-finite loss stops with status 3 naming the step and the last
+good checkpoint, and a mistyped key stops before anything starts."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pipeline.engine.safe_load import safe_load
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def train(shards, run_dir, *extra: str) -> subprocess.Popen:
+    args = ["experiment=smoke", "method=aasae", "method.hidden_dim=64", f"data.root={shards}", f"run_dir={run_dir}",
+            "logger.progress_bar=false", "logger.log_every_steps=1", "logger.image_every_steps=2",
+            "monitor.knn_every_epochs=0", "checkpoint.every_steps=2", "max_steps=200", *extra]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    return subprocess.Popen([sys.executable, "-m", "pipeline.train", *args], cwd=REPO, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def steps_logged(run_dir: Path) -> int:
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return 0
+    return max((json.loads(line)["step"] for line in path.read_text().splitlines()), default=0)
+
+
+def signal_after(proc: subprocess.Popen, run_dir: Path, step: int, signum: int) -> str:
+    deadline = time.time() + 240
+    while steps_logged(run_dir) < step and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.1)
+    assert proc.poll() is None, proc.communicate()[0][-4000:]
+    proc.send_signal(signum)
+    out, _ = proc.communicate(timeout=240)
+    assert proc.returncode == 0, out[-4000:]
+    return out
+
+
+def newest_checkpoint(run_dir: Path) -> tuple[int, dict]:
+    folder = sorted(run_dir.glob("checkpoints/step*/COMPLETE.json"))[-1].parent
+    return int(folder.name[4:]), safe_load(str(folder / "mp_rank_00_model_states.pt"))
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    out = tmp_path_factory.mktemp("shards")
+    subprocess.run([sys.executable, str(REPO / "tools" / "make_shards.py"), "digits", "--out", str(out), "--quiet"],
+                   check=True, cwd=REPO, capture_output=True)
+    return str(out)
+
+
+@pytest.mark.slow
+def test_signals_checkpoint_and_exit_then_resume_the_same_wandb_run(shards, tmp_path):
+    run_dir = tmp_path / "run"
+    out = signal_after(train(shards, run_dir, "logger=wandb_offline"), run_dir, 3, signal.SIGTERM)
+    assert "stop signal: checkpointing at step" in out
+    first_step, first = newest_checkpoint(run_dir)
+    assert first_step == steps_logged(run_dir) >= 3  # the checkpoint is of the step the signal interrupted
+    run_id = first["wandb_run_id"]
+    assert run_id and list((run_dir / "wandb").glob(f"offline-run-*-{run_id}"))
+
+    out = signal_after(train(shards, run_dir, "logger=wandb_offline"), run_dir, first_step + 3, signal.SIGUSR1)
+    assert f"resumed from {run_dir / 'checkpoints' / f'step{first_step:09d}'}" in out
+    second_step, second = newest_checkpoint(run_dir)
+    assert second_step > first_step and second["wandb_run_id"] == run_id
+    assert second["loader"]["position"] == second_step * 32  # global batch 32 per step, one epoch not yet done
+    assert len(list(run_dir.glob("checkpoints/step*"))) == 3  # every 2 steps, the smoke preset's last 3 kept
+
+    # A corrupt newest checkpoint (bytes overwritten inside its zip archive): the run warns and resumes from the
+    # previous complete one instead.
+    newest = run_dir / "checkpoints" / f"step{second_step:09d}" / "mp_rank_00_model_states.pt"
+    data = bytearray(newest.read_bytes())
+    data[len(data) // 2 : len(data) // 2 + 64] = bytes(64)
+    newest.write_bytes(bytes(data))
+    previous = sorted(run_dir.glob("checkpoints/step*/COMPLETE.json"))[-2].parent
+    proc = train(shards, run_dir, "logger=none", f"max_steps={second_step + 1}")
+    out, _ = proc.communicate(timeout=240)
+    assert proc.returncode == 0, out[-4000:]
+    assert f"checkpoint {newest.parent} is unusable" in out and "falling back to the previous one" in out
+    assert f"resumed from {previous}" in out
+
+
+@pytest.mark.slow
+def test_non_finite_loss_stops_naming_the_step_and_the_last_good_checkpoint(shards, tmp_path):
+    run_dir = tmp_path / "nan"
+    proc = train(shards, run_dir, "logger=none", "optimizer=sgd", "optimizer.lr=1e6", "schedule.warmup_epochs=0",
+                 "checkpoint.every_steps=1")
+    out, _ = proc.communicate(timeout=240)
+    assert proc.returncode == 3, out[-4000:]
+    line = next(line for line in out.splitlines() if "non-finite loss at step" in line)
+    step = int(line.split("non-finite loss at step ")[1].split()[0])
+    good = Path(line.split("last good checkpoint: ")[1].strip())
+    assert (good / "COMPLETE.json").is_file() and int(good.name[4:]) == step - 1
+    assert not (run_dir / "checkpoints" / f"step{step:09d}").exists()  # nothing saved after the bad step
+
+
+def test_a_mistyped_key_stops_before_anything_starts(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "pipeline.train", "experiment=smoke", "optimizer.lrr=1"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "unknown config key 'optimizer.lrr'" in proc.stderr and "has the keys name, lr," in proc.stderr
+
+
+def test_the_deepspeed_launchers_local_rank_argument_is_dropped():
+    from pipeline.train import _drop_local_rank
+
+    assert _drop_local_rank(["experiment=smoke", "--local_rank=3", "seed=1", "--local_rank", "4"]) == [
+        "experiment=smoke", "seed=1"]

@@ -1,0 +1,178 @@
+#!/usr/bin/env python
+"""Training throughput with the real input pipeline vs. synthetic batches already on the device, and memory per
+rank, for each ZeRO stage.
+
+    python tools/bench_train.py --shards data/digits                       # CPU: world size 2, ZeRO 0-3
+    python tools/bench_train.py --shards /shards/cifar10 --dataset cifar10 --nproc 8 --backbone resnet50 \
+        --batch 512 --precision bf16                                         # a GPU node
+
+For each stage it starts `torchrun --nproc_per_node NPROC` once (so that peak memory is that stage's alone) and
+times `--steps` optimizer steps after `--warmup` steps, twice: feeding the loader's batches (real), and feeding one
+batch, taken from the loader beforehand and kept on the device, over and over (synthetic: the step's own cost).
+input efficiency = real / synthetic samples per second (1.0: the loader never holds training back). Memory per rank:
+peak RSS (CPU) or peak allocated (CUDA), and the bytes of training state this rank holds (its parameters, fp32
+master partitions and optimizer states), which is what ZeRO shards. Prints one table; --json writes the rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shards", required=True, help="folder or URL holding <dataset>-train/test manifests")
+    p.add_argument("--dataset", default="digits", help="data config name (configs/data)")
+    p.add_argument("--method", default="aasae", choices=("aasae", "vae", "aag", "simclr"))
+    p.add_argument("--backbone", default="resnet_small", help="backbone config name (configs/backbone)")
+    p.add_argument("--batch", type=int, default=64, help="global batch per optimizer step")
+    p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"))
+    p.add_argument("--stages", type=int, nargs="+", default=[0, 1, 2, 3])
+    p.add_argument("--nproc", type=int, default=2, help="processes (ranks) per stage")
+    p.add_argument("--steps", type=int, default=20, help="timed optimizer steps per mode")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps before each mode")
+    p.add_argument("--override", action="append", default=[], help="extra Hydra override (repeatable)")
+    p.add_argument("--json", help="also write the rows to this file")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def overrides(args, stage: int, run_dir: str) -> list[str]:
+    small = ["method.hidden_dim=256"] if args.method in ("aasae", "vae") and args.backbone == "resnet_small" else []
+    return [f"method={args.method}", f"data={args.dataset}", f"data.root={args.shards}",
+            f"backbone={args.backbone}", f"deepspeed=zero{stage}", f"deepspeed.precision={args.precision}",
+            f"data.batch_size={args.batch}", f"run_dir={run_dir}", "logger=none", "monitor.knn_every_epochs=0",
+            "checkpoint.every_steps=0", "checkpoint.resume=false", "export_encoder=false", "epochs=1000",
+            *small, *args.override]
+
+
+def state_bytes(trainer) -> int:
+    """Bytes of parameters, fp32 master partitions and optimizer states held by this rank."""
+    import torch
+
+    total, seen = 0, set()
+
+    def add(t):
+        nonlocal total
+        if isinstance(t, torch.Tensor) and t.data_ptr() not in seen and t.numel():
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+
+    for p in trainer.engine.module.parameters():
+        add(getattr(p, "ds_tensor", p))
+    wrapper = trainer.engine.optimizer
+    for name in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat", "fp32_groups_flat_partition"):
+        for t in getattr(wrapper, name, []):
+            add(t)
+    for state in trainer.optimizer.state.values():
+        for v in state.values():
+            add(v)
+    return total
+
+
+def worker(args) -> None:
+    import torch
+    import torch.distributed as dist
+
+    from pipeline.engine.compose import load
+    from pipeline.engine.trainer import Trainer
+
+    stage = int(args.worker)
+    run_dir = tempfile.mkdtemp(prefix=f"bench_zero{stage}_")
+    trainer = Trainer(load("train", overrides(args, stage, run_dir)))
+    engine, views_needed = trainer.engine, trainer.method.views
+    batches = iter(trainer.loader)
+    cuda = trainer.device.type == "cuda"
+
+    def step(batch) -> None:
+        views = {k: batch.views[k].to(trainer.dtype) for k in views_needed}
+        for _ in range(trainer.ga):
+            loss, _ = engine(views, batch.labels)
+            engine.backward(loss)
+            engine.step()
+
+    def next_batch():
+        nonlocal batches
+        batch = next(batches, None)
+        if batch is None:  # an epoch ended: the next one
+            batches = iter(trainer.loader)
+            batch = next(batches)
+        return batch
+
+    def timed(get_batch) -> float:
+        for _ in range(args.warmup):
+            step(get_batch())
+        if cuda:
+            torch.cuda.synchronize()
+        dist.barrier()
+        start = time.perf_counter()
+        for _ in range(args.steps):
+            step(get_batch())
+        if cuda:
+            torch.cuda.synchronize()
+        dist.barrier()
+        return args.steps * trainer.geometry.global_batch / (time.perf_counter() - start)
+
+    fixed = next_batch()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    synthetic = timed(lambda: fixed)
+    real = timed(next_batch)
+    peak = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    row = torch.tensor([peak, state_bytes(trainer)], dtype=torch.float64, device=trainer.device)
+    rows = [torch.zeros_like(row) for _ in range(dist.get_world_size())]
+    dist.all_gather(rows, row)
+    trainer.loader.close()
+    if dist.get_rank() == 0:
+        print("BENCH " + json.dumps({
+            "zero_stage": stage, "world_size": dist.get_world_size(), "device": str(trainer.device),
+            "global_batch": trainer.geometry.global_batch, "synthetic_samples_per_s": synthetic,
+            "real_samples_per_s": real, "input_efficiency": real / synthetic,
+            "peak_memory_mib_per_rank": [r[0].item() / 2**20 for r in rows],
+            "state_mib_per_rank": [r[1].item() / 2**20 for r in rows]}), flush=True)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.worker is not None:
+        worker(args)
+        return 0
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    results = []
+    for stage in args.stages:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(args.nproc),
+               __file__, *(argv if argv is not None else sys.argv[1:]), "--worker", str(stage)]
+        proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True)
+        lines = [line for line in proc.stdout.splitlines() if line.startswith("BENCH ")]
+        if proc.returncode or not lines:
+            print(proc.stdout[-3000:] + proc.stderr[-3000:], file=sys.stderr)
+            return 1
+        results.append(json.loads(lines[-1][len("BENCH "):]))
+    head = (f"{'ZeRO':>4} {'synthetic/s':>12} {'real/s':>9} {'input eff.':>10} {'peak MiB/rank':>16} "
+            f"{'state MiB/rank':>16}")
+    print(f"{args.method} on {args.dataset}, {args.backbone}, global batch {args.batch}, {args.precision}, "
+          f"{args.nproc} ranks on {results[0]['device']}")
+    print(head)
+    for r in results:
+        peak = "/".join(f"{m:.0f}" for m in r["peak_memory_mib_per_rank"])
+        state = "/".join(f"{m:.1f}" for m in r["state_mib_per_rank"])
+        print(f"{r['zero_stage']:>4} {r['synthetic_samples_per_s']:>12.1f} {r['real_samples_per_s']:>9.1f} "
+              f"{r['input_efficiency']:>10.2f} {peak:>16} {state:>16}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
