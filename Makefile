@@ -1,12 +1,16 @@
 # The two entry points a newcomer needs (see README.md); both set up .venv first via scripts/setup.sh.
 PY := .venv/bin/python
+# DeepSpeed JIT-builds a small C++ op on first use; keep the build inside this checkout's venv so that two checkouts
+# (or a CI clone) never rebuild one shared cache under each other's feet.
+export TORCH_EXTENSIONS_DIR := $(CURDIR)/.venv/torch_extensions
 
-.PHONY: demo test setup
+.PHONY: demo test setup slurm
 
 demo: setup
-	$(PY) tools/make_shards.py digits --out data/digits --verify
+	$(PY) -m pipeline.demo
 
-test: setup
+# The Slurm tests start a real single-node Slurm: its Debian packages are installed first (root or sudo).
+test: setup slurm
 	$(PY) -m pytest
 
 setup: .venv/.installed
@@ -14,3 +18,6 @@ setup: .venv/.installed
 .venv/.installed: pyproject.toml scripts/setup.sh
 	bash scripts/setup.sh test,demo
 	touch $@
+
+slurm:
+	bash scripts/install_slurm.sh

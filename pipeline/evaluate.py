@@ -40,7 +40,9 @@ def find_encoder(path: str) -> Path:
     raise FileNotFoundError(f"no encoder.safetensors at {path} (nor in a complete checkpoint under it)")
 
 
-def evaluate(cfg: DictConfig) -> dict:
+def evaluate(cfg: DictConfig, encoder: torch.nn.Module | None = None) -> dict:
+    """kNN and linear probe of the encoder file `cfg.encoder`, or of `encoder` (any module with `.out_dim`, e.g.
+    flattened raw pixels as a baseline; `cfg.encoder` then only names it in the results)."""
     from pipeline.data.loader import resolve_device
     from pipeline.data.shard_format import read_manifest
     from pipeline.engine.export import load_encoder, read_metadata
@@ -53,8 +55,10 @@ def evaluate(cfg: DictConfig) -> dict:
         raise ValueError(f"protocols {unknown} unknown; choose from {PROTOCOLS}")
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
-    path = find_encoder(cfg.encoder)
-    encoder = load_encoder(path, device)
+    path = None
+    if encoder is None:
+        path = find_encoder(cfg.encoder)
+        encoder = load_encoder(path, device)
     num_classes = len(read_manifest(cfg.data.bank_manifest).classes)
     batch = cfg.linear.batch_size
 
@@ -69,7 +73,8 @@ def evaluate(cfg: DictConfig) -> dict:
         return out
 
     train, test = split(cfg.data.bank_manifest), split(cfg.data.test_manifest)
-    results = {"encoder": str(path), "step": read_metadata(path).get("step"), "dataset": cfg.data.dataset,
+    results = {"encoder": str(path or cfg.encoder), "step": read_metadata(path).get("step") if path else None,
+               "dataset": cfg.data.dataset,
                "train_samples": len(train[1]), "test_samples": len(test[1])}
     if "knn" in cfg.protocols:
         results["knn"] = knn(train, test, num_classes, cfg.knn_k, cfg.knn_temperature)
