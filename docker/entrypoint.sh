@@ -1,0 +1,87 @@
+#!/bin/sh
+# PID 1 of the augssl training containers (installed in the image as /usr/local/bin/augssl-entrypoint):
+#   augssl-entrypoint torchrun ... -m pipeline.train ...      or      augssl-entrypoint python -m pipeline.train ...
+#
+# Kubernetes sends SIGTERM to PID 1 only (pod deletion, eviction, preemption) and then waits
+# terminationGracePeriodSeconds. This passes SIGTERM/SIGINT/SIGUSR1 on to the command (torchrun forwards them to
+# the trainers, which checkpoint and exit) and waits for it.
+#
+# When one pod is stopped, the trainers of all pods agree to checkpoint and stop at the same step. A torchrun whose
+# own trainers stopped without being signalled would then wait up to 5 minutes in its exit barrier for the agent of
+# the deleted pod. So a signalled pod also touches $RUN_DIR/.augssl-stop (the run directory is shared by all pods),
+# and every pod whose entrypoint started before that file was touched stops its command the same way.
+#
+# The exit status is what the Job or PyTorchJob controller sees, so it never says "finished" for a run that only
+# stopped:
+#   - when this container was told to stop (signal or stop file), it exits 143 whatever the command returned;
+#   - when the command exited 0 but the run is not finished, it exits 143 too. Finished means the trainer wrote the
+#     run's final export, $RUN_DIR/encoder.safetensors, during this container's life (export_encoder=true, the
+#     default).
+# 143 is retryable under every restart policy: the pod (or container) comes back and resumes from the checkpoint.
+set -u
+stop=""
+child=""
+watcher=""
+poll="${AUGSSL_STOP_POLL_SECONDS:-2}"
+stop_file="${RUN_DIR:+$RUN_DIR/.augssl-stop}"
+
+forward() {
+  if [ -z "$stop" ] && [ -n "$stop_file" ] && [ "$1" != STOPFILE ]; then
+    touch "$stop_file" 2>/dev/null || true  # tell the other pods
+  fi
+  if [ -n "$watcher" ]; then kill "$watcher" 2>/dev/null || true; watcher=""; fi
+  if [ -z "$stop" ]; then
+    stop="$1"
+    if [ "$1" = STOPFILE ]; then sig=TERM; else sig="$1"; fi
+    if [ -n "$child" ]; then kill -s "$sig" "$child" 2>/dev/null || true; fi
+  fi
+}
+trap 'forward TERM' TERM
+trap 'forward INT' INT
+trap 'forward USR1' USR1
+trap 'forward STOPFILE' USR2
+
+if [ $# -eq 0 ]; then
+  echo "usage: augssl-entrypoint COMMAND [ARGS...]" >&2
+  exit 2
+fi
+# the start time as a file's mtime; in the run directory when there is one, so that it is compared with the stop
+# file and the final export by the same (file server's) clock
+if [ -n "${RUN_DIR:-}" ] && mkdir -p "$RUN_DIR" 2>/dev/null &&
+   started="$RUN_DIR/.augssl-start-$(hostname 2>/dev/null || echo pod)-$$" && : > "$started" 2>/dev/null; then :
+else
+  started="$(mktemp "${TMPDIR:-/tmp}/augssl-start.XXXXXX")"
+fi
+"$@" &
+child=$!
+if [ -n "$stop_file" ]; then
+  self=$$
+  (
+    trap - TERM INT USR1 USR2
+    while sleep "$poll"; do
+      if [ "$stop_file" -nt "$started" ]; then
+        echo "augssl-entrypoint: another pod of this run was stopped ($stop_file): stopping too" >&2
+        kill -s USR2 "$self"
+        break
+      fi
+    done
+  ) &
+  watcher=$!
+fi
+while :; do
+  wait "$child"
+  rc=$?
+  kill -0 "$child" 2>/dev/null || break  # wait was interrupted by a trap: keep waiting for the command
+done
+if [ -n "$watcher" ]; then kill "$watcher" 2>/dev/null || true; fi
+
+if [ -n "$stop" ]; then
+  echo "augssl-entrypoint: stopped ($stop; command exit $rc); exiting 143 so the run is resumed, not counted as finished" >&2
+  rc=143
+elif [ "$rc" -eq 0 ] && [ -n "${RUN_DIR:-}" ] && ! [ "$RUN_DIR/encoder.safetensors" -nt "$started" ]; then
+  echo "augssl-entrypoint: the trainer stopped before the end of the run (no new $RUN_DIR/encoder.safetensors);" \
+       "exiting 143 so it is resumed" >&2
+  rc=143
+fi
+rm -f "$started"
+exit "$rc"

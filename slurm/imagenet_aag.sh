@@ -1,0 +1,23 @@
+#!/bin/bash
+# AAG on ImageNet (configs/experiment/imagenet_aag.yaml): ResNet-50, batch 1024, LARS, 2 nodes x 8 GPUs, torchrun per node.
+#   sbatch slurm/imagenet_aag.sh [Hydra overrides, e.g. epochs=200 data.batch_size=1024]
+# Every #SBATCH default below yields to an sbatch flag (sbatch --nodes=4 --time=24:00:00 slurm/imagenet_aag.sh) and most
+# to an SBATCH_* variable (SBATCH_GPUS_PER_NODE, SBATCH_TIMELIMIT, SBATCH_MEM_PER_NODE, SBATCH_PARTITION, ...).
+# Runtime knobs (launcher, processes per node, run and data folders): slurm/common.sh; cluster settings: slurm/site.sh.
+#SBATCH --job-name=imagenet_aag
+#SBATCH --nodes=2
+#SBATCH --ntasks-per-node=1
+#SBATCH --gpus-per-node=8
+#SBATCH --cpus-per-task=32
+#SBATCH --mem=0
+#SBATCH --time=2-00:00:00
+#SBATCH --signal=B:USR1@600
+#SBATCH --requeue
+#SBATCH --open-mode=append
+#SBATCH --output=slurm-%x-%j.out
+
+# sbatch runs a spooled copy of this file: find the checkout it was submitted from, then the shared code
+: "${AUGSSL_HOME:=$(scontrol show job "$SLURM_JOB_ID" | awk '/^ *Command=/ { sub(/^ *Command=/, ""); sub(/\/slurm\/[^\/ ]+( .*)?$/, ""); print; exit }')}"
+source "${AUGSSL_HOME:?cannot find the checkout: export AUGSSL_HOME}/slurm/common.sh"
+
+augssl_train imagenet_aag "$@"

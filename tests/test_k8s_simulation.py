@@ -1,0 +1,519 @@
+"""Each Kubernetes job of k8s/, run locally the way the cluster would run it: the manifests are rendered by kustomize
+(with a small CPU overlay on top, as a user's overlay would be: 1 process per pod, the digits shards, a tiny ResNet,
+a few steps), and for each replica the container's command is started with exactly the environment its pod gets:
+the ConfigMap (envFrom), the env list with Kubernetes' $(VAR) expansion and downward-API values, plus what the
+controller injects (the training-operator's MASTER_ADDR/MASTER_PORT/RANK/WORLD_SIZE/PET_* for PyTorchJob replicas, the
+completion index for Indexed Job pods). Two replicas on the CPU must train together.
+
+The pods' DNS names (<job>-master-0, <job>-0.<service>) are made to resolve to 127.0.0.1 by running each replica in
+a private mount namespace with its own /etc/hosts (as root); where that is impossible they are replaced by
+127.0.0.1 in the environment. The container paths /opt/augssl (the image's checkout) and the entrypoint map to this
+checkout; /tmp is the local /tmp. Test-harness additions: PATH (this venv), OMP_NUM_THREADS=1 and
+GLOO_SOCKET_IFNAME=lo (keep gloo on the loopback interface).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from k8s_tools import (K8S, K8S_VERSIONS, REPO, by_kind, config_maps, container_argv, container_env, dump, kubectl,
+                       kustomize, relative, validation_errors)
+
+pytestmark = pytest.mark.slow
+
+
+try:
+    import kubernetes_validate  # noqa: F401  (the rendered overlays are validated before they run)
+except ImportError:
+    if os.environ.get("CI"):
+        raise
+    pytest.skip("kubernetes-validate is not installed (a test dependency: pyproject [test])", allow_module_level=True)
+if kubectl() is None:
+    if os.environ.get("CI"):
+        raise RuntimeError("kubectl (with its built-in kustomize) is required by the Kubernetes tests under CI")
+    pytest.skip("kubectl not installed (its built-in kustomize renders the manifests)", allow_module_level=True)
+
+CPU_ARGS = ["data=digits", "backbone=resnet_small", "deepspeed=zero0", "data.device=cpu", "data.batch_size=16",
+            "data.num_threads=1", "data.read_workers=1", "logger.progress_bar=false", "logger.log_every_steps=1",
+            "monitor.knn_every_epochs=0"]
+RUN_TIMEOUT = 300
+
+
+def jit_cache() -> str:
+    """Where this test run's processes keep DeepSpeed's JIT-built ops (torch's default when TORCH_EXTENSIONS_DIR is
+    unset). On the CPU, DeepSpeed's init_distributed builds a C++ op; a pod builds it into its own empty /tmp (and on
+    GPUs never builds it). The CPU overlay below points the pods at this cache so the suite compiles it once."""
+    import torch
+    import torch.utils.cpp_extension as cpp
+
+    if os.environ.get("TORCH_EXTENSIONS_DIR"):
+        return os.environ["TORCH_EXTENSIONS_DIR"]
+    flavour = "cpu" if torch.version.cuda is None else f"cu{torch.version.cuda.replace('.', '')}"
+    return os.path.join(cpp.get_default_build_root(),
+                        f"py{sys.version_info.major}{sys.version_info.minor}{getattr(sys, 'abiflags', '')}_{flavour}")
+
+
+def env_patch(resources_base: Path, container_path: str, name: str, value: str) -> dict:
+    """A JSON patch op replacing the value of env var `name` in the container at `container_path` of `base`."""
+    container = kustomize(resources_base)
+    doc = next(r for r in container if r["kind"] in ("PyTorchJob", "Job"))
+    node = doc
+    for part in container_path.strip("/").split("/"):
+        node = node[int(part)] if isinstance(node, list) else node[part]
+    index = next(i for i, e in enumerate(node["env"]) if e["name"] == name)
+    return {"op": "replace", "path": f"{container_path}/env/{index}", "value": {"name": name, "value": value}}
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("digits")
+    subprocess.run([sys.executable, str(REPO / "tools" / "make_shards.py"), "digits", "--out", str(out), "--quiet",
+                    "--samples-per-shard", "500"], check=True, capture_output=True, timeout=300)
+    return out
+
+
+@pytest.fixture(scope="module")
+def bin_dir(tmp_path_factory) -> Path:
+    """What the image puts on PATH: augssl-entrypoint (docker/entrypoint.sh) and the venv's python and torchrun."""
+    d = tmp_path_factory.mktemp("bin")
+    (d / "augssl-entrypoint").symlink_to(REPO / "docker" / "entrypoint.sh")
+    return d
+
+
+def _can_unshare() -> bool:
+    try:
+        return subprocess.run(["unshare", "--mount", "true"], capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
+CAN_UNSHARE = _can_unshare()
+
+
+# ------------------------------------------------------------------------------------------------ the "cluster"
+
+
+class Cluster:
+    """The pods of one job on this machine. Where possible (root) they share a private network namespace with only
+    a loopback interface, as the pods of a job share the cluster network: the fixed ports of the manifests (23456,
+    29500) cannot collide with anything else on the machine, and nothing leaves it. Every process started for it
+    carries a marker in its environment, so `close()` ends exactly those (by PID), orphans included."""
+
+    def __init__(self, root: Path):
+        self.root, self.replicas = root, []
+        self.marker = f"{os.getpid()}-{time.monotonic_ns()}"
+        self.holder = None
+        if CAN_UNSHARE:
+            holder = subprocess.Popen(["unshare", "--net", "sleep", "3600"], stdin=subprocess.DEVNULL)
+            netns = f"/proc/{holder.pid}/ns/net"
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:  # until unshare has exec'd sleep inside the new namespace
+                if os.path.exists(netns) and os.readlink(netns) != os.readlink("/proc/self/ns/net"):
+                    break
+                time.sleep(0.05)
+            up = subprocess.run(["nsenter", f"--net={netns}", "ip", "link", "set", "lo", "up"], capture_output=True)
+            if up.returncode == 0:
+                self.holder = holder
+            else:
+                holder.kill()
+                holder.wait()
+
+    def start(self, name: str, argv: list[str], env: dict[str, str], workdir: Path, hosts: list[str],
+              bin_dir: Path) -> "Replica":
+        replica = Replica(self, name, argv, env, workdir, hosts, bin_dir)
+        self.replicas.append(replica)
+        return replica
+
+    def _own_processes(self) -> list[int]:
+        needle = f"AUGSSL_TEST_CLUSTER={self.marker}".encode()
+        found = []
+        for entry in os.listdir("/proc"):
+            if entry.isdigit() and int(entry) != os.getpid():
+                try:
+                    with open(f"/proc/{entry}/environ", "rb") as f:
+                        if needle in f.read().split(b"\0"):
+                            found.append(int(entry))
+                except OSError:
+                    pass
+        return found
+
+    def close(self) -> None:
+        for r in self.replicas:
+            r.log.close()
+        for pid in self._own_processes():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        for r in self.replicas:
+            if r.proc.poll() is None:
+                r.proc.kill()
+            r.proc.wait()
+        if self.holder is not None:
+            self.holder.kill()
+            self.holder.wait()
+
+
+class Replica:
+    """One pod's container, started as a local process."""
+
+    def __init__(self, cluster: Cluster, name: str, argv: list[str], env: dict[str, str], workdir: Path,
+                 hosts: list[str], bin_dir: Path):
+        self.name, self.argv, self.env = name, argv, env
+        self.log_path = cluster.root / f"{name}.log"
+        while self.log_path.exists():  # a second attempt of the same pod
+            self.log_path = self.log_path.with_name(self.log_path.stem + "+.log")
+        full_env = {"PATH": f"{bin_dir}:{Path(sys.executable).parent}:/usr/sbin:/usr/bin:/sbin:/bin",
+                    "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", "AUGSSL_TEST_CLUSTER": cluster.marker, **env}
+        cmd = list(argv)
+        if hosts and CAN_UNSHARE:
+            hosts_file = self.log_path.with_suffix(".hosts")
+            # as in a pod: localhost, the pod's own hostname (here the machine's), and the names of the job's pods
+            hosts_file.write_text(f"127.0.0.1 localhost\n127.0.0.1 {socket.gethostname()}\n"
+                                  + "".join(f"127.0.0.1 {h}\n" for h in hosts))
+            cmd = ["unshare", "--mount", "sh", "-c", 'mount --bind "$0" /etc/hosts && exec "$@"',
+                   str(hosts_file), *argv]
+        elif hosts:  # no private /etc/hosts: the names become the address they would resolve to
+            full_env = {k: _replace_hosts(v, hosts) for k, v in full_env.items()}
+            cmd = [_replace_hosts(a, hosts) for a in argv]
+        if cluster.holder is not None:
+            cmd = ["nsenter", f"--net=/proc/{cluster.holder.pid}/ns/net", *cmd]
+        self.log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(cmd, env=full_env, cwd=workdir, stdout=self.log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+
+    def entrypoint_pid(self) -> int:
+        """The PID of the container's PID 1 (augssl-entrypoint), which Kubernetes signals on pod deletion: nsenter,
+        unshare and sh exec it, so it is the process started here."""
+        return self.proc.pid
+
+    def wait(self, timeout: float) -> int:
+        try:
+            return self.proc.wait(timeout=timeout)
+        finally:
+            self.log.close()
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def _replace_hosts(value: str, hosts: list[str]) -> str:
+    for h in sorted(hosts, key=len, reverse=True):
+        value = value.replace(h, "127.0.0.1")
+    return value
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    c = Cluster(logs)
+    try:
+        yield c
+    finally:
+        c.close()
+
+
+def run_all(replicas: list[Replica], timeout: float = RUN_TIMEOUT) -> list[int]:
+    deadline = time.monotonic() + timeout
+    codes = []
+    try:
+        for r in replicas:
+            codes.append(r.wait(max(1.0, deadline - time.monotonic())))
+    except subprocess.TimeoutExpired:
+        pytest.fail("replicas did not finish in time:\n" + "\n".join(f"--- {r.name}\n{r.output()[-3000:]}"
+                                                                     for r in replicas))
+    return codes
+
+
+def _workdir(container: dict) -> Path:
+    assert container["workingDir"] == "/opt/augssl"  # the image's checkout: this one
+    return REPO
+
+
+def pytorchjob_replicas(cluster: Cluster, resources: list[dict], bin_dir: Path, secrets=None) -> list[Replica]:
+    """Start every replica of the PyTorchJob in `resources` as the training-operator (v1.8) would configure it."""
+    job = by_kind(resources, "PyTorchJob")[0]
+    name, spec = job["metadata"]["name"], job["spec"]
+    specs = spec["pytorchReplicaSpecs"]
+    total = sum(r["replicas"] for r in specs.values())
+    nproc = spec.get("nprocPerNode", "1")
+    elastic = spec.get("elasticPolicy")
+    maps = config_maps(resources)
+    replicas, hosts = [], []
+    if "Master" in specs:
+        hosts.append(f"{name}-master-0")
+    if elastic:
+        hosts.append(f"{name}-worker-0")
+    for rtype in ("Master", "Worker"):
+        if rtype not in specs:
+            continue
+        for index in range(specs[rtype]["replicas"]):
+            pod = specs[rtype]["template"]
+            c = next(c for c in pod["spec"]["containers"] if c["name"] == "pytorch")
+            rank = index + (1 if rtype == "Worker" else 0)
+            injected = [("PYTHONUNBUFFERED", "0")]
+            if "Master" in specs:
+                master_c = next(c for c in specs["Master"]["template"]["spec"]["containers"] if c["name"] == "pytorch")
+                port = str(next(p["containerPort"] for p in master_c["ports"] if p["name"] == "pytorchjob-port"))
+                injected += [("MASTER_PORT", port), ("MASTER_ADDR", f"{name}-master-0"),
+                             ("PET_MASTER_PORT", port), ("PET_MASTER_ADDR", f"{name}-master-0"),
+                             ("WORLD_SIZE", str(total * int(nproc) if nproc.isdigit() else total)),
+                             ("RANK", str(rank)), ("PET_NPROC_PER_NODE", nproc), ("PET_NODE_RANK", str(rank))]
+            if elastic:
+                worker_c = next(c for c in specs["Worker"]["template"]["spec"]["containers"] if c["name"] == "pytorch")
+                port = elastic.get("rdzvPort") or next(p["containerPort"] for p in worker_c["ports"]
+                                                       if p["name"] == "pytorchjob-port")
+                injected += [("PET_RDZV_ENDPOINT", f"{elastic.get('rdzvHost', name + '-worker-0')}:{port}"),
+                             ("PET_RDZV_BACKEND", elastic.get("rdzvBackend", "c10d")),
+                             ("PET_NNODES", f"{elastic['minReplicas']}:{elastic['maxReplicas']}")]
+                if "maxRestarts" in elastic:
+                    injected.append(("PET_MAX_RESTARTS", str(elastic["maxRestarts"])))
+                if "nProcPerNode" in elastic:
+                    injected.append(("PET_NPROC_PER_NODE", str(elastic["nProcPerNode"])))
+            else:
+                injected.append(("PET_NNODES", str(total)))
+            labels = {**pod["metadata"].get("labels", {}), "training.kubeflow.org/job-name": name,
+                      "training.kubeflow.org/replica-type": rtype.lower(),
+                      "training.kubeflow.org/replica-index": str(index),
+                      "training.kubeflow.org/operator-name": "pytorchjob-controller"}
+            env = container_env(c, config_maps=maps, secrets=secrets or {}, labels=labels,
+                                annotations=pod["metadata"].get("annotations", {}), injected=injected)
+            replicas.append(cluster.start(f"{name}-{rtype.lower()}-{index}", container_argv(c, env), env,
+                                          _workdir(c), hosts, bin_dir))
+    return replicas
+
+
+def indexed_job_pods(cluster: Cluster, resources: list[dict], job_kind_component: str,
+                     bin_dir: Path) -> list[Replica]:
+    """Start every pod of the Indexed Job (label component=`job_kind_component`) as the Job controller would."""
+    job = next(j for j in by_kind(resources, "Job")
+               if j["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/component"] == job_kind_component)
+    name, spec = job["metadata"]["name"], job["spec"]
+    pod = spec["template"]
+    subdomain = pod["spec"].get("subdomain")
+    hosts = [f"{name}-0.{subdomain}", f"{name}-0.{subdomain}.default.svc.cluster.local"] if subdomain else []
+    maps = config_maps(resources)
+    pods = []
+    for index in range(spec["completions"]):
+        c = pod["spec"]["containers"][0]
+        labels = {**pod["metadata"].get("labels", {}), "batch.kubernetes.io/job-name": name, "job-name": name,
+                  "batch.kubernetes.io/job-completion-index": str(index)}
+        annotations = {**pod["metadata"].get("annotations", {}), "batch.kubernetes.io/job-completion-index": str(index)}
+        env = container_env(c, config_maps=maps, secrets={}, labels=labels, annotations=annotations,
+                            injected=[("JOB_COMPLETION_INDEX", str(index))])
+        pods.append(cluster.start(f"{name}-{index}", container_argv(c, env), env, _workdir(c), hosts, bin_dir))
+    return pods
+
+
+def cpu_overlay(tmp_path: Path, base: Path, literals: list[str], patches: list[dict]) -> list[dict]:
+    """A user's overlay on `base` for this CPU: the ConfigMap merged with `literals`, JSON patches; rendered and
+    validated like every manifest."""
+    folder = tmp_path / "overlay"
+    folder.mkdir()
+    dump(folder / "kustomization.yaml", {
+        "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
+        "resources": [relative(base, folder)],
+        "configMapGenerator": [{"name": "augssl-train", "behavior": "merge", "literals": literals}] if literals else [],
+        "patches": patches})
+    resources = kustomize(folder)
+    for r in resources:
+        assert validation_errors(r, K8S_VERSIONS[-1]) == [], r["kind"]
+    return resources
+
+
+def append_args(prefix: str, args: list[str]) -> list[dict]:
+    return [{"op": "add", "path": f"{prefix}/args/-", "value": a} for a in args]
+
+
+def checkpoints(run_dir: Path) -> dict[int, dict]:
+    return {int(m.parent.name[4:]): json.loads(m.read_text())
+            for m in (run_dir / "checkpoints").glob("step*/COMPLETE.json")}
+
+
+def steps_logged(run_dir: Path) -> list[int]:
+    return [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line]
+
+
+def report(replicas: list[Replica]) -> str:
+    return "\n".join(f"--- {r.name}: {' '.join(r.argv)[:400]}\n{r.output()[-4000:]}" for r in replicas)
+
+
+# ------------------------------------------------------------------------------------------------------- tests
+
+
+def test_pytorchjob_replicas_train_together_and_resume_after_pod_deletion(tmp_path, digits, bin_dir, cluster):
+    """overlays/imagenet-aasae with 1 process per pod: Master + Worker train over torchrun's PET_* rendezvous on
+    <job>-master-0. Deleting the Worker pod (SIGTERM to its PID 1) checkpoints and stops both replicas with 143,
+    never "succeeded"; the recreated replicas resume from that checkpoint and finish with 0."""
+    runs = tmp_path / "runs"
+    prefix = "/spec/pytorchReplicaSpecs/{}/template/spec/containers/0"
+    resources = cpu_overlay(
+        tmp_path, K8S / "overlays" / "imagenet-aasae",
+        [f"AUGSSL_DATA_ROOT={digits}", f"AUGSSL_RUN_ROOT={runs}", "AUGSSL_LOGGER=none", "AUGSSL_SHUTDOWN_TIMEOUT=60"],
+        [{"target": {"kind": "PyTorchJob"}, "patch": dump(tmp_path / "p.yaml", [
+            {"op": "replace", "path": "/spec/nprocPerNode", "value": "1"},
+            env_patch(K8S / "overlays" / "imagenet-aasae", prefix.format("Master"), "TORCH_EXTENSIONS_DIR",
+                      jit_cache()),
+            env_patch(K8S / "overlays" / "imagenet-aasae", prefix.format("Worker"), "TORCH_EXTENSIONS_DIR",
+                      jit_cache()),
+            *append_args(prefix.format("Master"), CPU_ARGS + ["max_steps=40", "checkpoint.every_steps=4"]),
+            *append_args(prefix.format("Worker"), CPU_ARGS + ["max_steps=40", "checkpoint.every_steps=4"])])
+            .read_text()}])
+    job = by_kind(resources, "PyTorchJob")[0]["metadata"]["name"]
+    run_dir = runs / job
+
+    first = pytorchjob_replicas(cluster, resources, bin_dir)
+    deadline = time.monotonic() + 240
+    while not checkpoints(run_dir) and time.monotonic() < deadline:
+        assert all(r.proc.poll() is None for r in first), report(first)
+        time.sleep(0.2)
+    assert checkpoints(run_dir), report(first)
+    os.kill(first[1].entrypoint_pid(), signal.SIGTERM)  # kubectl delete pod <job>-worker-0
+    codes = run_all(first)
+    assert codes == [143, 143], report(first)
+    assert "stop signal: checkpointing at step" in first[0].output() + first[1].output()
+    assert "augssl-entrypoint: stopped (TERM;" in first[1].output()  # the deleted pod
+    # the master: its trainer agreed to stop, and its entrypoint saw the deleted pod's stop file at once (instead of
+    # torchrun waiting 5 minutes in its exit barrier for the deleted pod's agent)
+    assert "another pod of this run was stopped" in first[0].output()
+    stopped_at = max(checkpoints(run_dir))
+    assert 4 <= stopped_at < 40
+
+    second = pytorchjob_replicas(cluster, resources, bin_dir)
+    codes = run_all(second)
+    assert codes == [0, 0], report(second)
+    out = second[0].output()
+    assert f"resumed from {run_dir}/checkpoints/step{stopped_at:09d}" in out, report(second)
+    assert max(checkpoints(run_dir)) == 40 and checkpoints(run_dir)[40]["world_size"] == 2
+    steps = steps_logged(run_dir)
+    assert steps.count(1) == 1 and set(steps) == set(range(1, 41)), steps
+    assert (run_dir / "encoder.safetensors").exists()
+
+
+def test_indexed_job_pods_train_together(tmp_path, digits, bin_dir, cluster):
+    """overlays/indexed-imagenet-aasae with 1 process per pod: pod i runs torchrun as node i (its completion index),
+    the rendezvous on <job>-0.<service>; both pods finish with 0 and one run directory holds the checkpoints."""
+    runs = tmp_path / "runs"
+    c0 = "/spec/template/spec/containers/0"
+    resources = cpu_overlay(
+        tmp_path, K8S / "overlays" / "indexed-imagenet-aasae",
+        [f"AUGSSL_DATA_ROOT={digits}", f"AUGSSL_RUN_ROOT={runs}", "AUGSSL_LOGGER=none", "AUGSSL_SHUTDOWN_TIMEOUT=60"],
+        [{"target": {"kind": "Job"}, "patch": dump(tmp_path / "p.yaml", [
+            {"op": "replace", "path": f"{c0}/env/1", "value": {"name": "NPROC_PER_NODE", "value": "1"}},
+            env_patch(K8S / "overlays" / "indexed-imagenet-aasae", c0, "TORCH_EXTENSIONS_DIR", jit_cache()),
+            {"op": "replace", "path": f"{c0}/resources/limits/nvidia.com~1gpu", "value": "1"},
+            {"op": "replace", "path": f"{c0}/resources/requests/nvidia.com~1gpu", "value": "1"},
+            *append_args(c0, CPU_ARGS + ["max_steps=6", "checkpoint.every_steps=3"])]).read_text()}])
+    job = by_kind(resources, "Job")[0]["metadata"]["name"]
+    pods = indexed_job_pods(cluster, resources, "train", bin_dir)
+    assert pods[0].env["MASTER_ADDR"] == f"{job}-0.{job}"  # what the pod's DNS must resolve
+    assert [p.env["JOB_COMPLETION_INDEX"] for p in pods] == ["0", "1"]
+    assert "--node-rank=1" in pods[1].argv and "--nnodes=2" in pods[1].argv
+    codes = run_all(pods)
+    assert codes == [0, 0], report(pods)
+    run_dir = runs / job
+    assert sorted(checkpoints(run_dir)) == [3, 6] and checkpoints(run_dir)[6]["world_size"] == 2, report(pods)
+    assert steps_logged(run_dir) == list(range(1, 7))
+    assert (run_dir / "encoder.safetensors").exists()
+
+
+def test_elastic_pytorchjob_workers_rendezvous_and_train(tmp_path, digits, bin_dir, cluster):
+    """overlays/imagenet-aasae-elastic with 1 process per pod: two Workers, no Master, torchrun's c10d rendezvous
+    on <job>-worker-0 from PET_RDZV_ENDPOINT and PET_NNODES=1:2."""
+    runs = tmp_path / "runs"
+    prefix = "/spec/pytorchReplicaSpecs/Worker/template/spec/containers/0"
+    resources = cpu_overlay(
+        tmp_path, K8S / "overlays" / "imagenet-aasae-elastic",
+        [f"AUGSSL_DATA_ROOT={digits}", f"AUGSSL_RUN_ROOT={runs}", "AUGSSL_LOGGER=none", "AUGSSL_SHUTDOWN_TIMEOUT=60"],
+        [{"target": {"kind": "PyTorchJob"}, "patch": dump(tmp_path / "p.yaml", [
+            {"op": "replace", "path": "/spec/elasticPolicy/nProcPerNode", "value": 1},
+            env_patch(K8S / "overlays" / "imagenet-aasae-elastic", prefix, "TORCH_EXTENSIONS_DIR", jit_cache()),
+            {"op": "replace", "path": f"{prefix}/resources/limits/nvidia.com~1gpu", "value": "1"},
+            {"op": "replace", "path": f"{prefix}/resources/requests/nvidia.com~1gpu", "value": "1"},
+            *append_args(prefix, CPU_ARGS + ["max_steps=6", "checkpoint.every_steps=3"])]).read_text()}])
+    job = by_kind(resources, "PyTorchJob")[0]["metadata"]["name"]
+    workers = pytorchjob_replicas(cluster, resources, bin_dir)
+    assert [w.env["PET_NNODES"] for w in workers] == ["1:2", "1:2"]
+    assert "RANK" not in workers[0].env and "MASTER_ADDR" not in workers[0].env
+    codes = run_all(workers)
+    assert codes == [0, 0], report(workers)
+    run_dir = runs / job
+    assert checkpoints(run_dir)[6]["world_size"] == 2, report(workers)
+
+
+def test_make_shards_job_converts_one_split_per_pod(tmp_path, bin_dir, cluster):
+    """k8s/make-shards on the digits set: pod i converts the i-th split of SHARDS_SPLITS with as many writers as its
+    CPU limit (downward API)."""
+    out = tmp_path / "shards"
+    c0 = "/spec/template/spec/containers/0"
+    folder = tmp_path / "overlay"
+    folder.mkdir()
+    dump(folder / "kustomization.yaml", {
+        "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
+        "resources": [relative(K8S / "make-shards", folder)],
+        "configMapGenerator": [{"name": "augssl-make-shards", "behavior": "merge", "literals": [
+            "SHARDS_DATASET=digits", "SHARDS_SRC=", f"SHARDS_OUT={out}", "SHARDS_SPLITS=train test",
+            "SHARDS_OPTIONS=--samples-per-shard 500 --verify"]}],
+        "patches": [{"target": {"kind": "Job"}, "patch": dump(tmp_path / "p.yaml", [
+            {"op": "replace", "path": f"{c0}/resources/limits/cpu", "value": "1"},
+            {"op": "replace", "path": f"{c0}/resources/requests/cpu", "value": "1"}]).read_text()}]})
+    resources = kustomize(folder)
+    for r in resources:
+        assert validation_errors(r, K8S_VERSIONS[-1]) == []
+    pods = indexed_job_pods(cluster, resources, "make-shards", bin_dir)
+    assert [p.env["WORKERS"] for p in pods] == ["1", "1"]
+    codes = run_all(pods, timeout=240)
+    assert codes == [0, 0], report(pods)
+    for pod, split, shards in zip(pods, ("train", "test"), (3, 1)):
+        assert f"converts digits/{split} with 1 workers" in pod.output() and f"verify digits/{split}: OK" in pod.output()
+        manifest = json.loads((out / f"digits-{split}.manifest.json").read_text())
+        assert len(manifest["shards"]) == shards
+
+
+def test_entrypoint_never_reports_an_interrupted_run_as_finished(tmp_path):
+    """docker/entrypoint.sh on its own: exit codes pass through; SIGTERM is forwarded and turns into 143; a 0 without
+    the run's final export (a rank that stopped because another was signalled) is 143 too; a stop file touched by
+    another pod stops this one."""
+    entry = str(REPO / "docker" / "entrypoint.sh")
+    env = {"PATH": os.environ["PATH"], "RUN_DIR": str(tmp_path)}
+    assert subprocess.run([entry, "sh", "-c", "exit 3"], env=env).returncode == 3
+    assert subprocess.run([entry, "true"], env=env).returncode == 143  # no encoder.safetensors
+    done = subprocess.run([entry, "sh", "-c", f"sleep 0.1; touch {tmp_path}/encoder.safetensors"], env=env)
+    assert done.returncode == 0
+    assert subprocess.run([entry, "true"], env={"PATH": os.environ["PATH"]}).returncode == 0  # not a training run
+    # SIGTERM reaches the child, which exits 0 after "checkpointing": still 143
+    marker = tmp_path / "got-term"
+    child = (f"trap 'touch {marker}; exit 0' TERM; touch {tmp_path}/started; "
+             "while :; do sleep 0.1; done")
+    proc = subprocess.Popen([entry, "sh", "-c", child], env=env)
+    deadline = time.monotonic() + 20
+    while not (tmp_path / "started").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=20) == 143
+    assert marker.exists()
+    stop_file = tmp_path / ".augssl-stop"
+    assert stop_file.exists()  # for the other pods
+    # another pod's stop file, touched after this one started, stops this one (SIGTERM to its command)
+    (tmp_path / "started").unlink()
+    marker.unlink()
+    proc = subprocess.Popen([entry, "sh", "-c", child], env={**env, "AUGSSL_STOP_POLL_SECONDS": "0.2"},
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 20
+    while not (tmp_path / "started").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.1)
+    stop_file.touch()
+    assert proc.wait(timeout=20) == 143
+    assert marker.exists() and "another pod of this run was stopped" in proc.stderr.read()
+    assert not list(tmp_path.glob(".augssl-start-*"))  # cleaned up
