@@ -25,22 +25,13 @@ from pathlib import Path
 
 import pytest
 
-from k8s_tools import (K8S, K8S_VERSIONS, REPO, by_kind, config_maps, container_argv, container_env, dump, kubectl,
-                       kustomize, relative, validation_errors)
+from k8s_tools import (K8S, K8S_VERSIONS, REPO, by_kind, config_maps, container_argv, container_env, dump,
+                       kustomize, relative, require_k8s_tools, validation_errors)
 
 pytestmark = pytest.mark.slow
 
 
-try:
-    import kubernetes_validate  # noqa: F401  (the rendered overlays are validated before they run)
-except ImportError:
-    if os.environ.get("CI"):
-        raise
-    pytest.skip("kubernetes-validate is not installed (a test dependency: pyproject [test])", allow_module_level=True)
-if kubectl() is None:
-    if os.environ.get("CI"):
-        raise RuntimeError("kubectl (with its built-in kustomize) is required by the Kubernetes tests under CI")
-    pytest.skip("kubectl not installed (its built-in kustomize renders the manifests)", allow_module_level=True)
+require_k8s_tools()
 
 CPU_ARGS = ["data=digits", "backbone=resnet_small", "deepspeed=zero0", "data.device=cpu", "data.batch_size=16",
             "data.num_threads=1", "data.read_workers=1", "logger.progress_bar=false", "logger.log_every_steps=1",
