@@ -15,7 +15,7 @@ import multiprocessing as mp
 import posixpath
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import fsspec
 import numpy as np
