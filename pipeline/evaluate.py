@@ -14,7 +14,6 @@ printed and written as JSON to `output` (default: eval_<dataset>.json beside the
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import hydra
@@ -22,7 +21,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.engine import config_schema
-from pipeline.engine.compose import VERSION_BASE, precheck_cli
+from pipeline.engine.compose import VERSION_BASE, exit_if_bad_cli
 
 config_schema.register()
 PROTOCOLS = ("knn", "linear")
@@ -106,10 +105,7 @@ def _app(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    problem = precheck_cli("evaluate", sys.argv[1:])
-    if problem:
-        print(f"pipeline.evaluate: {problem}", file=sys.stderr)
-        sys.exit(2)
+    exit_if_bad_cli("evaluate", "pipeline.evaluate")
     _app()
 
 

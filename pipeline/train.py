@@ -20,7 +20,7 @@ import hydra
 from omegaconf import DictConfig
 
 from pipeline.engine import config_schema
-from pipeline.engine.compose import VERSION_BASE, precheck_cli
+from pipeline.engine.compose import VERSION_BASE, exit_if_bad_cli
 
 config_schema.register()
 
@@ -54,10 +54,7 @@ def _drop_local_rank(argv: list[str]) -> list[str]:
 
 def main() -> None:
     sys.argv[1:] = _drop_local_rank(sys.argv[1:])
-    problem = precheck_cli("train", sys.argv[1:])
-    if problem:
-        print(f"pipeline.train: {problem}", file=sys.stderr)
-        sys.exit(2)
+    exit_if_bad_cli("train", "pipeline.train")
     _app()
 
 

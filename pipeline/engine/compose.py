@@ -10,6 +10,7 @@ that dataclass's fields.
 from __future__ import annotations
 
 import dataclasses
+import sys
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
@@ -112,3 +113,11 @@ def precheck_cli(config_name: str, argv: list[str]) -> str | None:
     except ConfigError as err:
         return str(err)
     return None
+
+
+def exit_if_bad_cli(config_name: str, program: str) -> None:
+    """Entry points call this before Hydra starts: a command line that does not compose exits 2 with the reason."""
+    problem = precheck_cli(config_name, sys.argv[1:])
+    if problem:
+        print(f"{program}: {problem}", file=sys.stderr)
+        sys.exit(2)
