@@ -35,14 +35,14 @@ def jpeg_components(data: bytes) -> int:
     pos = 2
     n = len(data)
     components = None
-    while pos + 4 <= n:
+    while pos + 4 <= n:  # runs once per segment of every image converted: plain indexing, no slices
         if data[pos] != 0xFF:
             raise CorruptImage(f"JPEG marker expected at byte {pos}")
         marker = data[pos + 1]
         if marker == 0xFF:  # fill byte
             pos += 1
             continue
-        length = int.from_bytes(data[pos + 2 : pos + 4], "big")
+        length = data[pos + 2] << 8 | data[pos + 3]
         if marker in _SOF_MARKERS:
             if pos + 10 > n:
                 break

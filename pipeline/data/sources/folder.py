@@ -21,11 +21,8 @@ def list_class_folders(root: str, layout: str = _LAYOUT) -> list[str]:
 
 def list_images(folder: str, label: int) -> list[FileRef]:
     names = sorted(n for n in os.listdir(folder) if n.lower().endswith(IMAGE_SUFFIXES) and not n.startswith("."))
-    refs = []
-    for name in names:
-        path = os.path.join(folder, name)
-        refs.append(FileRef(path, 0, os.path.getsize(path), key_from_name(name), label))
-    return refs
+    paths = [os.path.join(folder, name) for name in names]
+    return [FileRef(path, 0, os.stat(path).st_size, key_from_name(name), label) for name, path in zip(names, paths)]
 
 
 class ImageFolder(FileSource):
