@@ -2,9 +2,11 @@
 """Conversion speed of tools/make_shards.py on a JPEG folder against plain `tar cf` of the same files, in one run.
 
 Prints seconds per GB for tar, for make_shards with 1 worker and with N workers, and the ratios to tar
-(the goal: at most 1.5x tar's time with one worker, faster with more). Both read warm files (one untimed tar pass
-first) and write to the same disk, which is synced before each timed command. Whole commands are timed, so
-make_shards pays its interpreter start-up (about 0.2 s) too; enough images make that small beside the copy.
+(the goal: at most 1.5x tar's time with one worker, faster with more), from the best and the median of several
+rounds; each round runs every contender once, so a drift in the machine's speed hits all of them alike. All read
+warm files (one untimed tar pass first) and write to the same disk, which is synced before each timed command.
+Whole commands are timed, so make_shards pays its interpreter start-up and file listing (about 0.3 s) too; enough
+images make that small beside the copy.
 The JPEGs are synthetic, of ImageNet's typical size (500x375, ~75 KB).
 
   python tools/bench_shards.py --images 16000 --workers 2
@@ -16,6 +18,7 @@ import argparse
 import io
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -66,7 +69,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--images", type=int, default=16000)
     p.add_argument("--workers", type=int, default=os.cpu_count() or 2)
-    p.add_argument("--repeats", type=int, default=3, help="best of N for each contender")
+    p.add_argument("--repeats", type=int, default=5, help="rounds; each runs every contender once")
     p.add_argument("--workdir", default=None, help="where to write (default: a temporary folder)")
     args = p.parse_args()
 
@@ -84,12 +87,20 @@ def main() -> None:
             return [sys.executable, os.path.join(ROOT, "tools", "make_shards.py"), "folder", "--src", src,
                     "--out", out, "--workers", str(workers), "--quiet"], out
 
-        results = {"tar cf": min(timed(tar_cmd, tar_out) for _ in range(args.repeats))}
+        contenders = {"tar cf": (tar_cmd, tar_out)}
         for workers in sorted({1, args.workers}):
-            results[f"make_shards {workers} worker(s)"] = min(timed(*shards(workers)) for _ in range(args.repeats))
-        print(f"{args.images} JPEGs, {nbytes / 1e6:.1f} MB, best of {args.repeats}")
-        for name, seconds in results.items():
-            print(f"{name:28s} {seconds:7.3f} s  {seconds / gb:7.2f} s/GB  ratio to tar {seconds / results['tar cf']:.2f}x")
+            contenders[f"make_shards {workers} worker(s)"] = shards(workers)
+        times: dict[str, list[float]] = {name: [] for name in contenders}
+        for _ in range(args.repeats):  # round robin, so a drift in the machine's speed hits every contender alike
+            for name, (cmd, out) in contenders.items():
+                times[name].append(timed(cmd, out))
+        best = {name: min(t) for name, t in times.items()}
+        median = {name: statistics.median(t) for name, t in times.items()}
+        print(f"{args.images} JPEGs, {nbytes / 1e6:.1f} MB, {args.repeats} rounds")
+        for name in contenders:
+            print(f"{name:26s} best {best[name]:6.3f} s  {best[name] / gb:5.2f} s/GB  ratio to tar "
+                  f"{best[name] / best['tar cf']:.2f}x   (median {median[name]:6.3f} s, "
+                  f"ratio {median[name] / median['tar cf']:.2f}x)")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
