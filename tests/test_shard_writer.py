@@ -22,6 +22,8 @@ def test_write_all_survives_short_writes(tmp_path, monkeypatch):
         calls.append(len(buffer))
         return real_write(fd, memoryview(buffer)[:1000])
 
+    monkeypatch.setattr(shard_writer, "WRITE_SIZE", 4096)
+
     monkeypatch.setattr(shard_writer.os, "write", write_at_most_1000_bytes)
     path = tmp_path / "out.bin"
     fd = os.open(path, os.O_WRONLY | os.O_CREAT)
@@ -30,7 +32,7 @@ def test_write_all_survives_short_writes(tmp_path, monkeypatch):
     finally:
         os.close(fd)
     assert path.read_bytes() == data
-    assert calls == [len(data) - 1000 * i for i in range(11)]
+    assert calls == [min(4096, len(data) - 1000 * i) for i in range(11)]
 
 
 def _write_shard(url: str, tmp: str, images: list[bytes]):
