@@ -7,6 +7,7 @@ import random
 import tarfile
 
 import fsspec
+import pytest
 
 from pipeline.data import shard_writer
 from pipeline.data.shard_writer import Sample, ShardWriter
@@ -62,3 +63,39 @@ def test_local_and_fsspec_writers_give_the_same_tar_and_its_true_checksum(tmp_pa
         assert [m.name for m in members[:2]] == ["k0000.jpg", "k0000.cls"]
         assert [tar.extractfile(m).read() for m in members[0::2]] == images
         assert [int(tar.extractfile(m).read()) for m in members[1::2]] == [i % 10 for i in range(200)]
+
+
+def test_a_failed_write_is_raised_and_the_next_shard_is_still_right(tmp_path, monkeypatch):
+    """A full disk on the writing thread must stop the shard with the error, not pass silently, and must not leave
+    a buffer twice among the spares (two queued buffers sharing memory would corrupt the next shard)."""
+    monkeypatch.setattr(shard_writer._ShardFile, "BATCH", 10_000)
+    monkeypatch.setattr(shard_writer._ShardFile, "_spare", [])
+    real_write_all = shard_writer._write_all
+    calls = []
+
+    def disk_full_on_third_buffer(fd, data):
+        calls.append(len(data))
+        if len(calls) == 3:
+            raise OSError(28, "No space left on device")
+        real_write_all(fd, data)
+
+    monkeypatch.setattr(shard_writer, "_write_all", disk_full_on_third_buffer)
+    fs = fsspec.filesystem("file")
+    (tmp_path / "tmp").mkdir()
+    (tmp_path / "out").mkdir()
+    writer = ShardWriter(fs, str(tmp_path / "out"), str(tmp_path / "tmp"), "t-train-000000.tar")
+    with pytest.raises(OSError, match="No space left"):
+        for i in range(100):
+            writer.write(Sample(f"k{i:04d}", 0, "jpg", bytes([i]) * 3000))
+        writer.commit()
+    writer.abort()
+    assert not list((tmp_path / "out").iterdir()) and not list((tmp_path / "tmp").iterdir())
+    spare = shard_writer._ShardFile._spare
+    assert len({id(b) for b in spare}) == len(spare)
+
+    monkeypatch.setattr(shard_writer, "_write_all", real_write_all)
+    images = [bytes([i]) * 3000 for i in range(100)]
+    entry, data = _write_shard(str(tmp_path / "out"), str(tmp_path / "tmp"), images)
+    assert entry.sha256 == hashlib.sha256(data).hexdigest()
+    with tarfile.open(tmp_path / "out" / "t-train-000000.tar") as tar:
+        assert [tar.extractfile(m).read() for m in tar.getmembers()[0::2]] == images

@@ -15,8 +15,6 @@ from .shard_format import ShardEntry, check_key, dali_index, index_name
 
 BLOCK = 512
 _ZEROS = bytes(2 * BLOCK)
-
-
 WRITE_SIZE = 128 << 10
 
 
@@ -85,9 +83,11 @@ class _ShardFile:
 
     def _flush(self) -> None:
         if self._fill:
-            self._submit(memoryview(self._buffer)[:self._fill], self._buffer)
-            self._buffer = self._take_buffer()
-            self._fill = 0
+            # Swap first: a failure while submitting must not leave a queued buffer as the one being filled, nor
+            # return it to the spares twice.
+            full, fill = self._buffer, self._fill
+            self._buffer, self._fill = self._take_buffer(), 0
+            self._submit(memoryview(full)[:fill], full)
 
     def _submit(self, data, buffer: bytearray | None) -> None:
         self._in_flight.append((buffer, self._writer.submit(self._write, data), self._hasher.submit(self._sha.update, data)))
@@ -95,7 +95,8 @@ class _ShardFile:
             self._retire()
 
     def _retire(self) -> None:
-        """Waits for the oldest queued buffer (re-raising what went wrong on a helper thread) and frees it."""
+        """Waits for the oldest queued buffer and frees it; what went wrong on a helper thread is raised here, and
+        that buffer is then left to the garbage collector."""
         buffer, written, hashed = self._in_flight.popleft()
         written.result()
         hashed.result()
