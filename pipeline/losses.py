@@ -25,13 +25,11 @@ def _logits(a: Tensor, b: Tensor, temperature: float) -> Tensor:
     return a @ b.T / temperature
 
 
-def _logsumexp_off_diagonal(*mats: Tensor) -> Tensor:
-    """Row-wise log of sum_{j != i} exp(m_ij), summed over all the square matrices given (each row i's own diagonal
-    entry is left out of every one)."""
-    n = mats[0].shape[0]
-    diagonal = torch.eye(n, dtype=torch.bool, device=mats[0].device)
-    masked = [m.masked_fill(diagonal, float("-inf")) for m in mats]
-    return torch.logsumexp(torch.cat(masked, dim=1), dim=1)
+def _without_self(*mats: Tensor) -> list[Tensor]:
+    """The square matrices with their diagonal at -inf (one mask for all), so a log-sum-exp along a row or a column
+    leaves out entry (i, i)."""
+    diagonal = torch.eye(mats[0].shape[0], dtype=torch.bool, device=mats[0].device)
+    return [m.masked_fill(diagonal, float("-inf")) for m in mats]
 
 
 def _check_batch(n: int) -> None:
@@ -52,13 +50,11 @@ def gnt_xent(u: Tensor, v: Tensor, w: Tensor, temperature: float = 0.1) -> Tenso
     """
     _check_batch(u.shape[0])
     u, v, w = (F.normalize(t, dim=1) for t in _fp32(u, v, w))
-    uv = _logits(u, v, temperature)
-    main = 2 * (_logsumexp_off_diagonal(uv, _logits(u, u, temperature), _logits(v, v, temperature)) - uv.diagonal())
-    uw = _logits(u, w, temperature)
-    vw = _logits(v, w, temperature)
-    aux = 0
-    for m in (uw, vw, uw.T, vw.T):  # D(u, w), D(v, w), D(w, u), D(w, v): the same pairs, anchored on either side
-        aux = aux + _logsumexp_off_diagonal(m) - m.diagonal()
+    uv, uu, vv, uw, vw = (_logits(a, b, temperature) for a, b in ((u, v), (u, u), (v, v), (u, w), (v, w)))
+    uv_, uu_, vv_, uw_, vw_ = _without_self(uv, uu, vv, uw, vw)
+    main = 2 * (torch.cat([uv_, uu_, vv_], dim=1).logsumexp(dim=1) - uv.diagonal())
+    # D(u, w) + D(w, u), then D(v, w) + D(w, v): one matrix each, anchored on its rows, then on its columns
+    aux = sum(m_.logsumexp(dim=1) + m_.logsumexp(dim=0) - 2 * m.diagonal() for m, m_ in ((uw, uw_), (vw, vw_)))
     return (main + aux).mean()
 
 
@@ -70,7 +66,7 @@ def nt_xent(u: Tensor, v: Tensor, temperature: float = 0.5) -> Tensor:
     z = F.normalize(torch.cat(_fp32(u, v)), dim=1)
     logits = _logits(z, z, temperature)
     positives = torch.cat([logits.diagonal(n), logits.diagonal(-n)])
-    return (_logsumexp_off_diagonal(logits) - positives).mean()
+    return (_without_self(logits)[0].logsumexp(dim=1) - positives).mean()
 
 
 def gaussian_nll(mean: Tensor, target: Tensor, sigma: float = 1.0) -> Tensor:
