@@ -1,5 +1,9 @@
 import os
+import subprocess
 import sys
+from pathlib import Path
+
+import pytest
 
 # One thread per process: the suite runs on 2 cores, often beside torchrun workers, and oversubscribed torch
 # threads make it several times slower. Set before any test imports torch; subprocesses inherit it.
@@ -7,3 +11,13 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 # tests import their helpers (fixtures.py, shard_reading.py, dist_worker.py) by module name
 sys.path.insert(0, os.path.dirname(__file__))
+
+
+@pytest.fixture(scope="session")
+def shards(tmp_path_factory) -> str:
+    """The embedded digits set converted by tools/make_shards.py with its default options, once for the session."""
+    out = tmp_path_factory.mktemp("shards")
+    repo = Path(__file__).resolve().parents[1]
+    subprocess.run([sys.executable, str(repo / "tools" / "make_shards.py"), "digits", "--out", str(out), "--quiet"],
+                   check=True, cwd=repo, capture_output=True)
+    return str(out)

@@ -18,14 +18,6 @@ from pipeline.models.resnet import ResNet
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    out = tmp_path_factory.mktemp("shards")
-    subprocess.run([sys.executable, str(REPO / "tools" / "make_shards.py"), "digits", "--out", str(out), "--quiet"],
-                   check=True, cwd=REPO, capture_output=True)
-    return str(out)
-
-
 @pytest.fixture
 def exported(tmp_path):
     torch.manual_seed(0)

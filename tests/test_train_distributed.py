@@ -127,14 +127,6 @@ def finish(proc: subprocess.Popen, timeout: float = 600) -> str:
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    out = tmp_path_factory.mktemp("shards")
-    subprocess.run([sys.executable, str(REPO / "tools" / "make_shards.py"), "digits", "--out", str(out), "--quiet"],
-                   check=True, cwd=REPO, capture_output=True)
-    return str(out)
-
-
-@pytest.fixture(scope="module")
 def matrix(shards, tmp_path_factory):
     out = tmp_path_factory.mktemp("matrix")
     finish(torchrun([__file__, shards, str(out)]))

@@ -51,14 +51,6 @@ def newest_checkpoint(run_dir: Path) -> tuple[int, dict]:
     return int(folder.name[4:]), safe_load(str(folder / "mp_rank_00_model_states.pt"))
 
 
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    out = tmp_path_factory.mktemp("shards")
-    subprocess.run([sys.executable, str(REPO / "tools" / "make_shards.py"), "digits", "--out", str(out), "--quiet"],
-                   check=True, cwd=REPO, capture_output=True)
-    return str(out)
-
-
 @pytest.mark.slow
 def test_signals_checkpoint_and_exit_then_resume_the_same_wandb_run(shards, tmp_path):
     run_dir = tmp_path / "run"
