@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from nvidia.dali import fn, pipeline_def, types
 
-from fixtures import make_imagenet_train, make_stl10
+from fixtures import make_image_folder, make_imagenet_train, make_stl10
 from pipeline.data.convert import ConversionError, ConvertOptions, convert
 from pipeline.data.shard_format import index_name, read_manifest
 from pipeline.data.sources import build_source
@@ -190,6 +190,13 @@ def test_byte_limit_and_jpeg_option(tmp_path):
     assert len(manifest.shards) > 1 and all(s.bytes <= 200_000 + 10240 for s in manifest.shards)
     samples = read_samples(str(tmp_path), "digits", "test")
     assert {ext for ext, _, _ in samples.values()} == {"jpg"}
+
+
+def test_named_image_folder_without_split_converts_its_train_split(tmp_path):
+    make_image_folder(str(tmp_path / "src"))
+    result = run_tool("folder", "--src", str(tmp_path / "src"), "--name", "pets", "--out", str(tmp_path / "out"))
+    assert result.returncode == 0, result.stderr
+    assert read_manifest(str(tmp_path / "out" / "pets-train.manifest.json")).classes == ["cats", "dogs"]
 
 
 def test_bad_options_and_unknown_dataset_exit_2(tmp_path):

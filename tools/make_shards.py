@@ -20,7 +20,7 @@ import sys
 
 from pipeline.data.convert import ConversionError, ConvertOptions, convert
 from pipeline.data.shard_format import manifest_name
-from pipeline.data.sources import SPLITS, SourceLayoutError, build_source
+from pipeline.data.sources import DEFAULT_SPLITS, SPLITS, SourceLayoutError, build_source
 from pipeline.data.verify import verify
 
 
@@ -56,7 +56,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     dataset = (args.name or "folder") if args.dataset == "folder" else args.dataset
-    splits = args.split or {"folder": ["train"], "stl10": ["train", "test", "unlabeled"]}.get(dataset, SPLITS[dataset])
+    splits = args.split or list(DEFAULT_SPLITS[args.dataset])
     manifests = [posixpath.join(args.out, manifest_name(dataset, split)) for split in splits]
     try:
         opts = ConvertOptions(samples_per_shard=args.samples_per_shard, max_shard_bytes=int(args.shard_bytes),

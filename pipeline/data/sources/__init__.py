@@ -19,6 +19,9 @@ SPLITS = {
     "digits": Digits.SPLITS,
     "folder": ("train", "val", "test"),
 }
+# What a conversion without --split writes: every split, except that an image folder is one split (train) and
+# STL-10's combined train+unlabeled pretraining split is asked for by name only.
+DEFAULT_SPLITS = {**SPLITS, "folder": ("train",), "stl10": ("train", "test", "unlabeled")}
 
 
 def build_source(dataset: str, root: str | None, split: str, **options) -> Source:
@@ -42,4 +45,4 @@ def build_source(dataset: str, root: str | None, split: str, **options) -> Sourc
     return ImageFolder(root, split, name=options.get("name") or "folder")
 
 
-__all__ = ["Record", "Source", "SourceLayoutError", "SPLITS", "build_source"]
+__all__ = ["DEFAULT_SPLITS", "Record", "Source", "SourceLayoutError", "SPLITS", "build_source"]
