@@ -211,7 +211,7 @@ def main(argv=None) -> None:
                            read_workers=args.readers, prefetch=2, device=args.device)
         loader = ShardLoader(cfg)
         views = len(loader.views)
-        print(f"{read_manifest(manifest).dataset}: {len(loader.index)} images, recipe {args.recipe} "
+        print(f"{loader.index.manifest.dataset}: {len(loader.index)} images, recipe {args.recipe} "
               f"({views} view(s) of {loader.profile.size} px), batch {args.batch}, {args.threads} thread(s), "
               f"device {loader.device}", flush=True)
 

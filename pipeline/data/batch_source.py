@@ -14,7 +14,7 @@ import numpy as np
 
 from .image_bytes import CorruptImage, check_png, encode_pixels, jpeg_components, sniff
 from .sample_order import SampleOrder
-from .shard_format import UNLABELED
+from .shard_format import UNLABELED, parse_label
 
 OK, CORRUPT_IMAGE, BAD_LABEL = 0, 1, 2
 STATUS_TEXT = {CORRUPT_IMAGE: "corrupt image", BAD_LABEL: "bad label"}
@@ -30,13 +30,6 @@ def check_image(data: bytes) -> None:
         check_png(data)
     else:
         raise CorruptImage("neither JPEG nor PNG")
-
-
-def parse_label(data: bytes, num_classes: int) -> int:
-    label = int(data.decode("ascii").strip())
-    if label != UNLABELED and not 0 <= label < num_classes:
-        raise ValueError(f"label {label} outside -1 or 0..{num_classes - 1}")
-    return label
 
 
 class BatchSource:

@@ -150,7 +150,7 @@ def _encode(source: Source, i: int, opts: ConvertOptions):
     return (record, *normalise_encoded(record.payload))
 
 
-def write_shard(shard_index: int, samples: list[int], tick=None) -> tuple[int, ShardEntry, list[dict]]:
+def write_shard(shard_index: int, samples: list[int], tick=None) -> tuple[ShardEntry, list[dict]]:
     source, opts, fs, out_dir = (_job_state[k] for k in ("source", "opts", "fs", "out_dir"))
     name = shard_name(source.dataset, source.split, shard_index)
     writer = ShardWriter(fs, out_dir, partial_dir(out_dir, source), name)
@@ -177,7 +177,7 @@ def write_shard(shard_index: int, samples: list[int], tick=None) -> tuple[int, S
         writer.abort()
         raise
     entry.skipped = sum(p["action"] == "skipped" for p in problems)
-    return shard_index, entry, problems
+    return entry, problems
 
 
 def _pool_tick():
@@ -228,10 +228,6 @@ def convert(source: Source, out_url: str, opts: ConvertOptions, progress: bool =
     partial = partial_dir(out_dir, source)
     if fs.exists(partial):
         fs.rm(partial, recursive=True)
-    try:  # the shared parent goes too, unless another split's conversion is using it
-        fs.rmdir(posixpath.join(out_dir, PARTIAL_DIR))
-    except OSError:
-        pass
     fs.makedirs(partial, exist_ok=True)
 
     manifest = Manifest(dataset=source.dataset, split=source.split, classes=list(source.classes),
@@ -249,13 +245,19 @@ def convert(source: Source, out_url: str, opts: ConvertOptions, progress: bool =
     report_path = posixpath.join(out_dir, report_name(source.dataset, source.split))
     report = _read_report(fs, report_path, keep=set(done))
 
-    def record(entry: ShardEntry, problems: list[dict]) -> None:
-        done[entry.name] = entry
-        report.extend(problems)
-        manifest.shards = sorted(done.values(), key=lambda e: e.name)
+    def write_report() -> None:
         write_atomic(fs, report_path, "".join(json.dumps(p) + "\n" for p in report), partial)
+
+    def record(entry: ShardEntry, problems: list[dict]) -> None:
+        """A finished shard: its problems reach the report before the shard reaches the manifest."""
+        done[entry.name] = entry
+        if problems:
+            report.extend(problems)
+            write_report()
+        manifest.shards = sorted(done.values(), key=lambda e: e.name)
         write_atomic(fs, manifest_path, manifest.to_json(), partial)
 
+    write_report()
     manifest.shards = sorted(done.values(), key=lambda e: e.name)
     write_atomic(fs, manifest_path, manifest.to_json(), partial)
     jobs = [(k, s) for k, s in enumerate(plan) if shard_name(source.dataset, source.split, k) not in done]
@@ -267,7 +269,7 @@ def convert(source: Source, out_url: str, opts: ConvertOptions, progress: bool =
     try:
         if opts.workers == 1:
             for job in jobs:
-                record(*write_shard(*job, tick=lambda: bar.update(1))[1:])
+                record(*write_shard(*job, tick=lambda: bar.update(1)))
         else:
             _run_pool(jobs, opts.workers, bar, record)
     finally:
@@ -301,7 +303,7 @@ def _run_pool(jobs, workers: int, bar, record) -> None:
             while pending:
                 finished, pending = wait(pending, timeout=0.25, return_when=FIRST_COMPLETED)
                 for future in finished:
-                    record(*future.result()[1:])
+                    record(*future.result())
                 bar.update(counter.value - seen)
                 seen = counter.value
         except BaseException:

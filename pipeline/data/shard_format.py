@@ -25,6 +25,14 @@ def check_key(key: str) -> str:
     return key
 
 
+def parse_label(data: bytes, num_classes: int) -> int:
+    """A `.cls` member's label: -1 (unlabelled) or 0..num_classes-1; ValueError otherwise."""
+    label = int(data.decode("ascii").strip())
+    if label != UNLABELED and not 0 <= label < num_classes:
+        raise ValueError(f"label {label} outside -1 or 0..{num_classes - 1}")
+    return label
+
+
 def split_slug(split: str) -> str:
     """File-name form of a split name ('train+unlabeled' -> 'train_unlabeled')."""
     return re.sub(r"[^A-Za-z0-9_]", "_", split)

@@ -26,7 +26,6 @@ class ShardError(RuntimeError):
 
 @dataclass
 class ShardIndex:
-    manifest_url: str
     manifest: Manifest
     fs: fsspec.AbstractFileSystem
     shard_paths: list[str]  # paths inside `fs`, in manifest order
@@ -148,7 +147,7 @@ def open_index(manifest_url: str, strict: bool = False) -> ShardIndex:
         log.warning("%s: %d sample(s) left out of %d", manifest_url, len(left_out), manifest.num_samples)
     local = "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
     return ShardIndex(
-        manifest_url=manifest_url, manifest=manifest, fs=fs, shard_paths=paths, local=local,
+        manifest=manifest, fs=fs, shard_paths=paths, local=local,
         shard=np.asarray(columns["shard"], np.int32), span_start=np.asarray(columns["start"], np.int64),
         span_end=np.asarray(columns["end"], np.int64), image_offset=np.asarray(columns["img"], np.int32),
         image_size=np.asarray(columns["img_size"], np.int32), label_offset=np.asarray(columns["cls"], np.int32),

@@ -13,7 +13,7 @@ import fsspec
 from tqdm import tqdm
 
 from .image_bytes import CorruptImage, decode_rgb
-from .shard_format import IMAGE_EXTS, UNLABELED, Manifest, ShardEntry, dali_index, index_name, read_manifest
+from .shard_format import IMAGE_EXTS, Manifest, ShardEntry, dali_index, index_name, parse_label, read_manifest
 
 
 def check_shard(fs, out_dir: str, entry: ShardEntry, num_classes: int) -> list[str]:
@@ -39,9 +39,7 @@ def check_shard(fs, out_dir: str, entry: ShardEntry, num_classes: int) -> list[s
             problems.append(f"{entry.name}: sample {key} has members {sorted(parts)}, expected one image and .cls")
             continue
         try:
-            label = int(parts["cls"].decode("ascii"))
-            if not (label == UNLABELED or 0 <= label < num_classes):
-                raise ValueError(f"label {label} outside -1 or 0..{num_classes - 1}")
+            parse_label(parts["cls"], num_classes)
         except ValueError as err:
             problems.append(f"{entry.name}: sample {key}: bad .cls: {err}")
         try:

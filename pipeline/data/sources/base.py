@@ -19,6 +19,13 @@ def require(path: str, layout: str) -> str:
     return path
 
 
+def dataset_folder(root: str, name: str, layout: str) -> str:
+    """The dataset's own folder `name`, given either it or its parent."""
+    if os.path.basename(os.path.normpath(root)) == name:
+        return require(root, layout)
+    return require(os.path.join(root, name), layout)
+
+
 @dataclass
 class Record:
     """One source sample. `payload` is the file's encoded bytes, or an HxWx3 uint8 array for raw-pixel sources."""

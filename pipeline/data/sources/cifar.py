@@ -6,19 +6,12 @@ import os
 
 import numpy as np
 
-from .base import require
+from .base import dataset_folder, require
 from .raw_pixels import ArraySource
 from .safe_pickle import load_pickle
 
 _LAYOUT10 = "ROOT/cifar-10-batches-py/{data_batch_1..5, test_batch, batches.meta} (the python version of CIFAR-10)"
 _LAYOUT100 = "ROOT/cifar-100-python/{train, test, meta} (the python version of CIFAR-100)"
-
-
-def _folder(root: str, name: str, layout: str) -> str:
-    """Accepts the dataset folder itself or its parent."""
-    if os.path.basename(os.path.normpath(root)) == name:
-        return require(root, layout)
-    return require(os.path.join(root, name), layout)
 
 
 def _names(values) -> list[str]:
@@ -41,7 +34,7 @@ class Cifar10(ArraySource):
         if split not in self.SPLITS:
             raise ValueError(f"CIFAR-10 has splits {self.SPLITS}, not {split!r}")
         self.split = split
-        self.folder = _folder(root, "cifar-10-batches-py", _LAYOUT10)
+        self.folder = dataset_folder(root, "cifar-10-batches-py", _LAYOUT10)
         files = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
         self.paths = [require(os.path.join(self.folder, f), _LAYOUT10) for f in files]
         meta = load_pickle(require(os.path.join(self.folder, "batches.meta"), _LAYOUT10))
@@ -67,7 +60,7 @@ class Cifar100(ArraySource):
         if labels not in ("fine", "coarse"):
             raise ValueError(f"CIFAR-100 labels are 'fine' or 'coarse', not {labels!r}")
         self.split, self.label_kind = split, labels
-        self.folder = _folder(root, "cifar-100-python", _LAYOUT100)
+        self.folder = dataset_folder(root, "cifar-100-python", _LAYOUT100)
         self.path = require(os.path.join(self.folder, split), _LAYOUT100)
         meta = load_pickle(require(os.path.join(self.folder, "meta"), _LAYOUT100))
         self.classes = _names(meta[f"{labels}_label_names"])

@@ -66,7 +66,7 @@ class ImageNet(FileSource):
         self.split = split
         self.words: dict[str, str] = {}
         if devkit:
-            self._ids, self.words, _ = read_devkit(devkit)
+            self._ids, self.words, self._devkit_data = read_devkit(devkit)
         mapping = os.path.join(os.path.dirname(val_csv), "LOC_synset_mapping.txt") if val_csv else None
         if mapping and os.path.exists(mapping):
             self.words = read_synset_mapping(mapping)
@@ -132,7 +132,7 @@ class ImageNet(FileSource):
         if not files:
             raise SourceLayoutError(f"{folder}: no ILSVRC2012_val_*.JPEG files or <wnid> folders. Expected: {_VAL_LAYOUT}")
         if devkit:
-            labels = self._devkit_labels(devkit)
+            labels = self._devkit_labels()
         elif val_csv:
             labels = self._csv_labels(require(val_csv, "LOC_val_solution.csv (ImageId,PredictionString)"))
         else:
@@ -147,9 +147,8 @@ class ImageNet(FileSource):
             refs.append(FileRef(path, 0, os.path.getsize(path), key, index[labels[key]]))
         return refs
 
-    def _devkit_labels(self, devkit: str) -> dict[str, str]:
-        _, _, data = read_devkit(devkit)
-        truth = require(os.path.join(data, "ILSVRC2012_validation_ground_truth.txt"),
+    def _devkit_labels(self) -> dict[str, str]:
+        truth = require(os.path.join(self._devkit_data, "ILSVRC2012_validation_ground_truth.txt"),
                         "ILSVRC2012_devkit_t12/data/ILSVRC2012_validation_ground_truth.txt")
         with open(truth) as f:
             ids = [int(line) for line in f if line.strip()]

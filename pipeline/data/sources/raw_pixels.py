@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..shard_format import split_slug
 from .base import Record, Source
 
 
@@ -31,7 +32,7 @@ class ArraySource(Source):
 
     @property
     def split_key(self) -> str:
-        return self.split.replace("+", "_")
+        return split_slug(self.split)
 
     def size_hint(self, i: int) -> int:
         images = self.arrays[0]

@@ -8,7 +8,7 @@ import os
 import numpy as np
 
 from ..shard_format import UNLABELED
-from .base import require
+from .base import dataset_folder, require
 from .raw_pixels import ArraySource
 
 _LAYOUT = (
@@ -30,8 +30,7 @@ class Stl10(ArraySource):
         if fold is not None and (split != "train" or not 0 <= fold <= 9):
             raise ValueError("a fold (0-9) selects one of the 10 predefined subsets of the 'train' split only")
         self.split, self.fold = split, fold
-        folder = root if os.path.basename(os.path.normpath(root)) == "stl10_binary" else os.path.join(root, "stl10_binary")
-        self.folder = require(folder, _LAYOUT)
+        self.folder = dataset_folder(root, "stl10_binary", _LAYOUT)
         with open(require(os.path.join(self.folder, "class_names.txt"), _LAYOUT)) as f:
             self.classes = [line.strip() for line in f if line.strip()]
         self.parts = ["train", "unlabeled"] if split == "train+unlabeled" else [split]
