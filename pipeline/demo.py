@@ -98,20 +98,18 @@ def export_random_init(path: Path, arch: str, stem: str, width: int, seed: int =
 
 def eval_overrides(data_root: str, linear_epochs: int) -> list[str]:
     return [f"data={DATASET}", f"data.root={data_root}", f"knn_k={KNN_K}", f"linear.epochs={linear_epochs}",
-            "device=cpu"]
+            "data.device=cpu"]
 
 
 def evaluate_encoder(encoder: Path | str, out: Path, data_root: str, linear_epochs: int,
                      module: torch.nn.Module | None = None) -> dict:
     """The real evaluator (pipeline.evaluate.evaluate) on an exported encoder, or on `module` named `encoder`;
     writes its JSON to `out`."""
-    from omegaconf import OmegaConf
-
-    from pipeline.evaluate import evaluate
+    from pipeline.evaluate import evaluate, write_results
 
     cfg = load("evaluate", [*eval_overrides(data_root, linear_epochs), f"encoder={encoder}", f"output={out}"])
     results = evaluate(cfg, module)
-    out.write_text(json.dumps({**results, "config": OmegaConf.to_container(cfg, resolve=True)}, indent=1))
+    write_results(cfg, results)
     return results
 
 
@@ -187,8 +185,8 @@ def main(argv=None) -> int:
         print(f"[demo] {NAMES[method]}: linear {rows[-1]['linear_top1']:.2f}, kNN {rows[-1]['knn_top1']:.2f}, "
               f"pretrained in {seconds:.0f} s", flush=True)
 
-    # the architecture of the trained encoders (all presets share it), else the demo preset's
-    ref = load("train", [f"experiment=demo_{methods[0] if methods else 'aasae'}", f"data.root={data_root}"])
+    # the architecture (and seed) of the trained encoders: the presets share it, and the overrides apply to all
+    ref = load("train", [f"experiment=demo_{methods[0] if methods else 'aasae'}", f"data.root={data_root}", *extra])
     random_path = export_random_init(out / "random_init" / "encoder.safetensors", ref.backbone.arch, ref.data.stem,
                                      ref.backbone.width, seed=ref.seed)
     res = evaluate_encoder(random_path, out / "eval_random_init.json", data_root, linear_epochs)

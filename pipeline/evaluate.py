@@ -6,9 +6,10 @@
 
 `encoder` is an exported encoder.safetensors, a checkpoint folder (each holds its exported encoder), or a run dir
 (its final export, else its newest complete checkpoint). No DeepSpeed is involved: the safetensors file carries the
-architecture. Training split: data.bank_manifest; test split: data.test_manifest; both read in order with the eval
-transform (the linear probe's training split with random crops and flips when linear.augment=true). Results are
-printed and written as JSON to `output` (default: eval_<dataset>.json beside the encoder).
+architecture. The encoder runs on data.device, where the loader delivers the images. Training split:
+data.bank_manifest; test split: data.test_manifest; both read in order with the eval transform (the linear probe's
+training split with random crops and flips when linear.augment=true). Results are printed and written as JSON to
+`output` (default: eval_<dataset>.json beside the encoder).
 """
 
 from __future__ import annotations
@@ -28,14 +29,16 @@ PROTOCOLS = ("knn", "linear")
 
 
 def find_encoder(path: str) -> Path:
+    from pipeline.engine.checkpoint import complete_tags
+
     p = Path(path)
     if p.is_file():
         return p
     if (p / "encoder.safetensors").is_file():
         return p / "encoder.safetensors"
-    checkpoints = sorted((p / "checkpoints").glob("step*/COMPLETE.json"))
-    if checkpoints and (checkpoints[-1].parent / "encoder.safetensors").is_file():
-        return checkpoints[-1].parent / "encoder.safetensors"
+    tags = complete_tags(p / "checkpoints")
+    if tags and (p / "checkpoints" / tags[-1] / "encoder.safetensors").is_file():
+        return p / "checkpoints" / tags[-1] / "encoder.safetensors"
     raise FileNotFoundError(f"no encoder.safetensors at {path} (nor in a complete checkpoint under it)")
 
 
@@ -53,7 +56,7 @@ def evaluate(cfg: DictConfig, encoder: torch.nn.Module | None = None) -> dict:
     if unknown:
         raise ValueError(f"protocols {unknown} unknown; choose from {PROTOCOLS}")
     torch.manual_seed(cfg.seed)
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.data.device)  # where the loader delivers the images
     path = None
     if encoder is None:
         path = find_encoder(cfg.encoder)
@@ -91,11 +94,17 @@ def evaluate(cfg: DictConfig, encoder: torch.nn.Module | None = None) -> dict:
     return results
 
 
+def write_results(cfg: DictConfig, results: dict) -> Path:
+    """The results with the resolved config, as JSON at `output` (default: beside the encoder); returns the path."""
+    out = Path(cfg.output) if cfg.output else Path(results["encoder"]).parent / f"eval_{cfg.data.dataset}.json"
+    out.write_text(json.dumps({**results, "config": OmegaConf.to_container(cfg, resolve=True)}, indent=1))
+    return out
+
+
 @hydra.main(config_path="../configs", config_name="evaluate", version_base=VERSION_BASE)
 def _app(cfg: DictConfig) -> None:
     results = evaluate(cfg)
-    out = Path(cfg.output) if cfg.output else Path(results["encoder"]).parent / f"eval_{cfg.data.dataset}.json"
-    out.write_text(json.dumps({**results, "config": OmegaConf.to_container(cfg, resolve=True)}, indent=1))
+    out = write_results(cfg, results)
     print(f"{'protocol':<10}{'top-1':>8}{'top-5':>8}   ({results['encoder']}, {cfg.data.dataset}: "
           f"{results['train_samples']} train / {results['test_samples']} test)")
     for name in PROTOCOLS:

@@ -59,6 +59,13 @@ def _barrier() -> None:
         dist.barrier()
 
 
+def complete_tags(checkpoints_dir: Path) -> list[str]:
+    """The tags under `run_dir/checkpoints` whose save finished (COMPLETE.json written), oldest first."""
+    if not checkpoints_dir.is_dir():
+        return []
+    return sorted(p.name for p in checkpoints_dir.iterdir() if _TAG.match(p.name) and (p / MARKER).is_file())
+
+
 def _broadcast(obj):
     if not dist.is_initialized():
         return obj
@@ -102,10 +109,7 @@ class Checkpoints:
 
     # -- listing and verification ---------------------------------------------------------------------------------
     def complete_tags(self) -> list[str]:
-        if not self.dir.is_dir():
-            return []
-        tags = [p.name for p in self.dir.iterdir() if _TAG.match(p.name) and (p / MARKER).is_file()]
-        return sorted(tags)
+        return complete_tags(self.dir)
 
     def verify(self, tag: str) -> str | None:
         """None if every file of `tag` is as COMPLETE.json lists it and every zip member passes its CRC; else why."""

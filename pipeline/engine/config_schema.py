@@ -210,13 +210,12 @@ class LinearProbeConfig:
 @dataclass
 class EvalConfig:
     data: DataConfig = MISSING
-    encoder: str = MISSING  # encoder.safetensors, a checkpoint folder, or a run dir (its newest checkpoint)
+    encoder: str = MISSING  # encoder.safetensors, a checkpoint folder, or a run dir (final export, else newest checkpoint)
     output: str = ""  # JSON results path ("" = beside the encoder)
     protocols: list[str] = field(default_factory=lambda: ["knn", "linear"])
     knn_k: int = 200
     knn_temperature: float = 0.1
     linear: LinearProbeConfig = field(default_factory=LinearProbeConfig)
-    device: str = "auto"
     seed: int = 0
 
 
