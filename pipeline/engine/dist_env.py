@@ -46,10 +46,6 @@ class DistEnv:
     master_port: int
     source: str  # torchrun | kubeflow | indexed-job | slurm | single
 
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
 
 def _int(environ: Mapping[str, str], name: str, default: int | None = None) -> int:
     value = environ.get(name)

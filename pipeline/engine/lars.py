@@ -23,7 +23,7 @@ without a layout is refused: silently computing local trust ratios on a ZeRO sha
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -44,10 +44,17 @@ class Layout:
     params: list[int]
     num_params: int
     group: object = None
+    _index: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @classmethod
     def whole(cls, tensor: Tensor) -> "Layout":
         return cls([0], [tensor.numel()], [0], 1, None)
+
+    def index(self, device: torch.device) -> Tensor:
+        """`params` as a tensor on `device`, made once: a host-to-device copy at every step would stall the GPU."""
+        if device not in self._index:
+            self._index[device] = torch.tensor(self.params, dtype=torch.long, device=device)
+        return self._index[device]
 
     def pieces(self, flat: Tensor) -> list[Tensor]:
         flat = flat.view(-1)
@@ -62,8 +69,9 @@ class LARS(Optimizer):
         defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, trust_coefficient=trust_coefficient,
                         lars=lars)
         super().__init__(params, defaults)
-        self._own = {id(p) for g in self.param_groups for p in g["params"]}
-        self._layouts: dict[int, tuple[Tensor, Layout]] = {}
+        # each parameter is its own layout (made once, not at every step) until set_layout declares a flat partition
+        self._layouts: dict[int, tuple[Tensor, Layout]] = {
+            id(p): (p, Layout.whole(p)) for g in self.param_groups for p in g["params"]}
 
     def set_layout(self, tensor: Tensor, layout: Layout) -> None:
         """Declare which parameter pieces `tensor` (a flat partition the optimizer will be stepped with) holds."""
@@ -75,8 +83,6 @@ class LARS(Optimizer):
         entry = self._layouts.get(id(p))
         if entry is not None and entry[0] is p:
             return entry[1]
-        if id(p) in self._own:
-            return Layout.whole(p)
         raise RuntimeError("LARS: asked to step a tensor it has no parameter layout for (a ZeRO/bf16 flat "
                            "partition?): call pipeline.engine.zero_layout.attach_layouts(engine.optimizer, lars) "
                            "after deepspeed.initialize, or the trust ratios would be computed on shards")
@@ -84,7 +90,7 @@ class LARS(Optimizer):
     @torch.no_grad()
     def _trust_ratios(self, p: Tensor, d: Tensor, layout: Layout, eta: float) -> list[Tensor]:
         """eta * ||p|| / ||d|| per piece (1 where a norm is 0), with norms of the whole parameters."""
-        index = torch.tensor(layout.params, dtype=torch.long, device=p.device)
+        index = layout.index(p.device)
         sums = torch.zeros(2, layout.num_params, dtype=torch.float32, device=p.device)
         if layout.starts:  # a rank may hold only padding, but it still joins the all_reduce below
             for row, x in enumerate((p, d)):

@@ -30,6 +30,7 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.data.shard_format import read_manifest
+from pipeline.distributed import all_reduce_sum
 from pipeline.engine import rng
 from pipeline.engine.checkpoint import Checkpoints
 from pipeline.engine.dist_env import resolve
@@ -58,13 +59,10 @@ def fingerprint(cfg: DictConfig) -> dict:
             "stem": cfg.data.stem, "image_size": cfg.data.image_size}
 
 
-def _mean_over_ranks(values: dict[str, torch.Tensor]) -> dict[str, float]:
+def _mean_over_ranks(values: dict[str, torch.Tensor], world: int) -> dict[str, float]:
     keys = sorted(values)
     stacked = torch.stack([values[k].detach().float().reshape(()) for k in keys])
-    if dist.is_initialized():
-        dist.all_reduce(stacked, op=dist.ReduceOp.SUM)
-        stacked /= dist.get_world_size()
-    return dict(zip(keys, stacked.tolist()))
+    return dict(zip(keys, (all_reduce_sum(stacked) / world).tolist()))
 
 
 def _to_uint8(x: torch.Tensor, mean, std) -> torch.Tensor:
@@ -110,8 +108,7 @@ class Trainer:
 
         self.loader = build_loader(cfg.data, cfg.data.train_manifest, cfg.method.recipe, self.geometry.micro_batch,
                                    self.rank, self.world, seed=cfg.seed, shuffle=True)
-        classes = read_manifest(cfg.data.train_manifest).classes
-        self.num_classes = len(classes) if cfg.monitor.online_probe else 0
+        self.num_classes = len(self.loader.index.manifest.classes) if cfg.monitor.online_probe else 0
         micro_per_epoch = self.loader.steps_per_epoch
         self.total_steps = cfg.max_steps or max(1, math.floor(cfg.epochs * micro_per_epoch / self.ga))
         warmup = min(self.total_steps, round(cfg.schedule.warmup_epochs * micro_per_epoch / self.ga))
@@ -256,7 +253,7 @@ class Trainer:
         if self.step % cfg.logger.log_every_steps == 0 or self.step == self.total_steps:
             now = time.perf_counter()
             elapsed = max(now - window["since"], 1e-9)
-            metrics = _mean_over_ranks(accumulated)
+            metrics = _mean_over_ranks(accumulated, self.world)
             metrics.update({
                 "lr": self.schedule.get_last_lr()[0],
                 "epoch": batch.epoch + (batch.step + 1) / self.loader.steps_per_epoch,
