@@ -17,7 +17,7 @@ from pipeline.distributed import all_reduce_sum, gather_variable
 
 
 class OnlineLinearProbe(nn.Module):
-    """Linear classifier trained on detached features. Labels < 0 (unlabelled samples) are ignored."""
+    """Linear classifier trained on detached features. Label -1 (unlabelled, the shard format's UNLABELED) is ignored."""
 
     def __init__(self, in_dim: int, num_classes: int):
         super().__init__()

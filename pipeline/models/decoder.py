@@ -114,7 +114,8 @@ class ResNetDecoder(nn.Module):
 
         stages = []
         # Stage i mirrors encoder stage 4-i: it upsamples where that stage strided and ends at the width that stage
-        # received (the stem's width for the last one).
+        # received, i.e. the output width of encoder stage 3-i (for the last one, stage 1's output: the stem's width
+        # with BasicBlocks, 4x that with Bottlenecks).
         for i, (n_blocks, scale) in enumerate(zip(reversed(layers), (2, 2, 2, 1))):
             planes = base * width * 2 ** max(2 - i, 0)
             blocks = []
