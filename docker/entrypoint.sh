@@ -17,6 +17,8 @@
 #   - when the command exited 0 but the run is not finished, it exits 143 too. Finished means the trainer wrote the
 #     run's final export, $RUN_DIR/encoder.safetensors, during this container's life (export_encoder=true, the
 #     default).
+#   - when the trainer wrote a status to $AUGSSL_EXIT_FILE (2 bad config, 3 non-finite loss), it exits with that,
+#     though torchrun reports any failed worker as 1.
 # 143 is retryable under every restart policy: the pod (or container) comes back and resumes from the checkpoint.
 set -u
 stop=""
@@ -52,6 +54,11 @@ if [ -n "${RUN_DIR:-}" ] && mkdir -p "$RUN_DIR" 2>/dev/null &&
 else
   started="$(mktemp "${TMPDIR:-/tmp}/augssl-start.XXXXXX")"
 fi
+# pipeline.train writes 2 (bad config) or 3 (non-finite loss) here before exiting, because torchrun would report
+# either as 1; the Indexed Job's podFailurePolicy fails the job at once on those two
+exit_file="${TMPDIR:-/tmp}/augssl-exit.$$"
+rm -f "$exit_file"
+export AUGSSL_EXIT_FILE="$exit_file"
 "$@" &
 child=$!
 if [ -n "$stop_file" ]; then
@@ -78,10 +85,12 @@ if [ -n "$watcher" ]; then kill "$watcher" 2>/dev/null || true; fi
 if [ -n "$stop" ]; then
   echo "augssl-entrypoint: stopped ($stop; command exit $rc); exiting 143 so the run is resumed, not counted as finished" >&2
   rc=143
+elif [ "$rc" -ne 0 ] && [ -s "$exit_file" ]; then
+  rc=$(cat "$exit_file")
 elif [ "$rc" -eq 0 ] && [ -n "${RUN_DIR:-}" ] && ! [ "$RUN_DIR/encoder.safetensors" -nt "$started" ]; then
   echo "augssl-entrypoint: the trainer stopped before the end of the run (no new $RUN_DIR/encoder.safetensors);" \
        "exiting 143 so it is resumed" >&2
   rc=143
 fi
-rm -f "$started"
+rm -f "$started" "$exit_file"
 exit "$rc"

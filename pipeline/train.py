@@ -20,7 +20,7 @@ import hydra
 from omegaconf import DictConfig
 
 from pipeline.engine import config_schema
-from pipeline.engine.compose import VERSION_BASE, exit_if_bad_cli
+from pipeline.engine.compose import VERSION_BASE, exit_if_bad_cli, exit_with
 
 config_schema.register()
 
@@ -34,7 +34,7 @@ def _app(cfg: DictConfig) -> None:
         status = Trainer(cfg).run()
     except NonFiniteLoss as err:
         logging.getLogger(__name__).error("%s", err)
-        sys.exit(3)
+        exit_with(3)
     logging.getLogger(__name__).info("training %s", status)
 
 

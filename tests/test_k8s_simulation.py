@@ -471,6 +471,18 @@ def test_make_shards_job_converts_one_split_per_pod(tmp_path, bin_dir, cluster):
         assert len(manifest["shards"]) == shards
 
 
+def test_bad_config_under_torchrun_exits_2_through_the_entrypoint(tmp_path):
+    """torchrun turns a worker's exit 2 into 1; the entrypoint restores it, so the Indexed Job's podFailurePolicy
+    (FailJob on 2 and 3) fails the job instead of retrying a command that cannot work."""
+    entry = str(REPO / "docker" / "entrypoint.sh")
+    env = {"PATH": os.environ["PATH"], "RUN_DIR": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([entry, sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1",
+                           "-m", "pipeline.train", "data.no_such_key=1"], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "no_such_key" in proc.stderr
+
+
 def test_entrypoint_never_reports_an_interrupted_run_as_finished(tmp_path):
     """docker/entrypoint.sh on its own: exit codes pass through; SIGTERM is forwarded and turns into 143; a 0 without
     the run's final export (a rank that stopped because another was signalled) is 143 too; a stop file touched by
@@ -478,6 +490,7 @@ def test_entrypoint_never_reports_an_interrupted_run_as_finished(tmp_path):
     entry = str(REPO / "docker" / "entrypoint.sh")
     env = {"PATH": os.environ["PATH"], "RUN_DIR": str(tmp_path)}
     assert subprocess.run([entry, "sh", "-c", "exit 3"], env=env).returncode == 3
+    assert subprocess.run([entry, "sh", "-c", 'echo 3 > "$AUGSSL_EXIT_FILE"; exit 1'], env=env).returncode == 3
     assert subprocess.run([entry, "true"], env=env).returncode == 143  # no encoder.safetensors
     done = subprocess.run([entry, "sh", "-c", f"sleep 0.1; touch {tmp_path}/encoder.safetensors"], env=env)
     assert done.returncode == 0

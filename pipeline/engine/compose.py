@@ -10,8 +10,10 @@ that dataclass's fields.
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
@@ -115,9 +117,21 @@ def precheck_cli(config_name: str, argv: list[str]) -> str | None:
     return None
 
 
+def exit_with(code: int) -> NoReturn:
+    """Exits with a status the launcher must see (2 bad config, 3 non-finite loss). torchrun reports any failed
+    worker as 1, so the code also goes to $AUGSSL_EXIT_FILE when a wrapper sets it (docker/entrypoint.sh exits with
+    it, so a Kubernetes Job's podFailurePolicy can fail the job at once instead of retrying)."""
+    path = os.environ.get("AUGSSL_EXIT_FILE")
+    if path:
+        tmp = f"{path}.{os.getpid()}"
+        Path(tmp).write_text(f"{code}\n")
+        os.replace(tmp, path)  # ranks of a pod may write at the same time
+    sys.exit(code)
+
+
 def exit_if_bad_cli(config_name: str, program: str) -> None:
     """Entry points call this before Hydra starts: a command line that does not compose exits 2 with the reason."""
     problem = precheck_cli(config_name, sys.argv[1:])
     if problem:
         print(f"{program}: {problem}", file=sys.stderr)
-        sys.exit(2)
+        exit_with(2)
