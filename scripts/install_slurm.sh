@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# Installs what the Slurm end-to-end tests (tests/test_slurm_*.py) start: Debian's slurmctld, slurmd, slurm-client
+# Installs what the Slurm end-to-end tests (tests/test_slurm.py) start: Debian's slurmctld, slurmd, slurm-client
 # and munge. The tests start the daemons themselves (no systemd, a private munge socket and config in a temporary
 # folder, ports of their own), so nothing is configured or started here, and an already-installed Slurm is left
 # alone. Needs root (or sudo) and apt; idempotent: does nothing when the binaries are already there.
 #
-# Usage: bash scripts/install_slurm.sh          (CI calls it before `make test`)
+# Usage: bash scripts/install_slurm.sh          (`make test` calls it, through its `slurm` target)
 set -euo pipefail
 
 need=()

@@ -12,7 +12,7 @@
 #                          job's run directory to continue that run in a new job
 #   AUGSSL_RUN_ROOT, AUGSSL_DATA_ROOT, AUGSSL_PYTHON: see site.sh
 #   MASTER_PORT            rendezvous port (default: a free port on the first node, chosen per attempt)
-#   AUGSSL_SHUTDOWN_TIMEOUT  seconds torchrun lets its workers checkpoint after a signal before killing them (300)
+#   AUGSSL_SHUTDOWN_TIMEOUT  seconds torchrun lets its workers checkpoint after a signal (240; keep it below --signal)
 #   AUGSSL_REQUEUE         1 (default): after the time-limit signal, requeue the job once the trainer has checkpointed
 #                          (only when that attempt wrote a new checkpoint, so a misconfigured job cannot loop)
 #   AUGSSL_MAX_REQUEUES    make_shards.sh: at most this many self-requeues (10)
@@ -183,7 +183,7 @@ augssl_train() {
            --nnodes="$nnodes" --nproc-per-node="$nproc" --rdzv-backend=static
            --master-addr="$MASTER_ADDR" --master-port="$MASTER_PORT" --max-restarts=0
            --signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1
-           --shutdown-timeout="${AUGSSL_SHUTDOWN_TIMEOUT:-300}"
+           --shutdown-timeout="${AUGSSL_SHUTDOWN_TIMEOUT:-240}"
            -m pipeline.train "${overrides[@]}")
       augssl_log "launch: $nnodes node(s) x $nproc process(es) via torchrun, rendezvous $MASTER_ADDR:$MASTER_PORT"
       ;;
