@@ -13,11 +13,24 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 sys.path.insert(0, os.path.dirname(__file__))
 
 
+def _digits_shards(out: Path, *options: str) -> None:
+    """The embedded digits set converted by tools/make_shards.py."""
+    repo = Path(__file__).resolve().parents[1]
+    subprocess.run([sys.executable, str(repo / "tools" / "make_shards.py"), "digits", "--out", str(out), "--quiet",
+                    *options], check=True, cwd=repo, capture_output=True, timeout=300)
+
+
 @pytest.fixture(scope="session")
 def shards(tmp_path_factory) -> str:
-    """The embedded digits set converted by tools/make_shards.py with its default options, once for the session."""
+    """Digits shards with make_shards' default options, converted once for the session."""
     out = tmp_path_factory.mktemp("shards")
-    repo = Path(__file__).resolve().parents[1]
-    subprocess.run([sys.executable, str(repo / "tools" / "make_shards.py"), "digits", "--out", str(out), "--quiet"],
-                   check=True, cwd=repo, capture_output=True)
+    _digits_shards(out)
     return str(out)
+
+
+@pytest.fixture(scope="session")
+def digits(tmp_path_factory) -> Path:
+    """Digits shards of 500 samples (train: 3 shards), for the launch tests' multi-process jobs; once per session."""
+    out = tmp_path_factory.mktemp("digits")
+    _digits_shards(out, "--samples-per-shard", "500")
+    return out

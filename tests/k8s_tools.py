@@ -125,22 +125,14 @@ def container_env(container: dict, *, config_maps: dict[str, dict], secrets: dic
     variables defined before it), then what a controller appended to env (`injected`)."""
     env: dict[str, str] = {}
     for source in container.get("envFrom", []):
-        if "configMapRef" in source:
-            ref = source["configMapRef"]
-            data = config_maps.get(ref["name"])
-            if data is None:
-                if ref.get("optional"):
-                    continue
-                raise KeyError(f"ConfigMap {ref['name']} is not in the build")
-            env.update({source.get("prefix", "") + k: v for k, v in data.items()})
-        elif "secretRef" in source:
-            ref = source["secretRef"]
-            data = secrets.get(ref["name"])
-            if data is None:
-                if ref.get("optional"):
-                    continue
-                raise KeyError(f"Secret {ref['name']} does not exist")
-            env.update({source.get("prefix", "") + k: v for k, v in data.items()})
+        kind = "configMapRef" if "configMapRef" in source else "secretRef"
+        ref = source[kind]
+        data = (config_maps if kind == "configMapRef" else secrets).get(ref["name"])
+        if data is None:
+            if ref.get("optional"):
+                continue
+            raise KeyError(f"envFrom {kind} {ref['name']} does not exist (the pod would not start)")
+        env.update({source.get("prefix", "") + k: v for k, v in data.items()})
     for item in list(container.get("env", [])) + [{"name": k, "value": v} for k, v in injected]:
         name = item["name"]
         if "value" in item:

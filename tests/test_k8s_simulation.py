@@ -65,14 +65,6 @@ def env_patch(resources_base: Path, container_path: str, name: str, value: str) 
 
 
 @pytest.fixture(scope="module")
-def digits(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("digits")
-    subprocess.run([sys.executable, str(REPO / "tools" / "make_shards.py"), "digits", "--out", str(out), "--quiet",
-                    "--samples-per-shard", "500"], check=True, capture_output=True, timeout=300)
-    return out
-
-
-@pytest.fixture(scope="module")
 def bin_dir(tmp_path_factory) -> Path:
     """What the image puts on PATH: augssl-entrypoint (docker/entrypoint.sh) and the venv's python and torchrun."""
     d = tmp_path_factory.mktemp("bin")

@@ -14,8 +14,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -25,7 +23,6 @@ from slurm_cluster import SlurmCluster, missing_binaries
 
 REPO = Path(__file__).resolve().parents[1]
 SLURM = REPO / "slurm"
-PYTHON = sys.executable
 TRAIN_SCRIPTS = ["imagenet_aasae", "imagenet_aag", "stl10_aasae", "stl10_aag", "cifar10_aag"]
 FINISHED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE",
             "PREEMPTED"}
@@ -62,14 +59,6 @@ def slurm(tmp_path_factory):
         yield cluster
     finally:
         cluster.stop()
-
-
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("digits")
-    subprocess.run([PYTHON, str(REPO / "tools" / "make_shards.py"), "digits", "--out", str(out), "--quiet",
-                    "--samples-per-shard", "500"], check=True, capture_output=True, timeout=300)
-    return out
 
 
 @pytest.fixture
