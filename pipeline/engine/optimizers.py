@@ -34,14 +34,13 @@ def build_optimizer(cfg: DictConfig, model: nn.Module) -> torch.optim.Optimizer:
     if cfg.name not in OPTIMIZERS:
         raise ValueError(f"optimizer.name={cfg.name!r}; choose from {OPTIMIZERS}")
     groups = param_groups(model, cfg.weight_decay, cfg.exclude_bias_and_norm)
+    if cfg.name != "lars":
+        for g in groups:
+            g.pop("lars", None)  # the per-group switch only LARS knows
     if cfg.name in ("adam", "adamw"):
         cls = torch.optim.Adam if cfg.name == "adam" else torch.optim.AdamW
-        for g in groups:
-            g.pop("lars", None)
         return cls(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
     if cfg.name == "sgd":
-        for g in groups:
-            g.pop("lars", None)
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
                                weight_decay=cfg.weight_decay)
     return LARS(groups, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
