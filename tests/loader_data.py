@@ -14,10 +14,18 @@ import numpy as np
 from PIL import Image
 
 from pipeline.data.image_bytes import encode_pixels
+from pipeline.data.loader import ShardLoader
+from pipeline.data.loader_config import LoaderConfig
 from pipeline.data.shard_format import Manifest, ShardEntry, dali_index, index_name, manifest_name, shard_name
 from pipeline.data.sources import build_source
 
 Sample = tuple[str, dict[str, bytes]]  # key, ext -> member bytes (tar order)
+
+
+def make_loader(manifest: str, rank: int = 0, world: int = 1, **options) -> ShardLoader:
+    """A CPU loader for tests: eval recipe, batches of 64, two DALI threads and one reader unless `options` say so."""
+    options = {"recipe": "eval", "batch_size": 64, "num_threads": 2, "read_workers": 1, "device": "cpu", **options}
+    return ShardLoader(LoaderConfig(manifest=manifest, **options), rank, world)
 
 
 def labelled(key: str, image: bytes, label: int, ext: str = "png") -> Sample:

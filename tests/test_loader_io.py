@@ -14,17 +14,12 @@ import fsspec
 import pytest
 import torch
 
-from loader_data import DIGIT_CLASSES, digits_samples, labelled, write_split
+from loader_data import DIGIT_CLASSES, digits_samples, labelled, make_loader, write_split
 from pipeline.data.loader import BadSampleError, ShardLoader
 from pipeline.data.loader_config import LoaderConfig
 from pipeline.data.shard_index import ShardError
 
 SIZES = [5, 400, 3, 300, 730]
-
-
-def make_loader(manifest: str, rank: int = 0, world: int = 1, **options) -> ShardLoader:
-    options = {"recipe": "eval", "batch_size": 64, "num_threads": 2, "read_workers": 1, "device": "cpu", **options}
-    return ShardLoader(LoaderConfig(manifest=manifest, **options), rank, world)
 
 
 @pytest.fixture

@@ -10,18 +10,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from loader_data import digits_samples, digits_split
+from loader_data import digits_samples, digits_split, make_loader
 from pipeline.data.loader import ShardLoader
-from pipeline.data.loader_config import LoaderConfig
 from pipeline.data.normalization import mean_std
 from pipeline.data.sample_order import SampleOrder
 
 N_DIGITS = 1438
-
-
-def make_loader(manifest: str, rank: int = 0, world: int = 1, batch: int = 64, **options) -> ShardLoader:
-    options = {"recipe": "eval", "num_threads": 2, "read_workers": 1, "device": "cpu", **options}
-    return ShardLoader(LoaderConfig(manifest=manifest, batch_size=batch, **options), rank, world)
 
 
 def take(loader: ShardLoader, steps: int | None = None) -> list:
@@ -54,7 +48,7 @@ def test_ranks_are_disjoint_cover_the_epoch_and_run_equal_steps(tmp_path, sizes,
     steps = -(-N_DIGITS // (world * batch))
     per_rank = []
     for rank in range(world):
-        loader = make_loader(manifest, rank, world, batch, read_workers=2)
+        loader = make_loader(manifest, rank, world, batch_size=batch, read_workers=2)
         assert len(loader) == loader.steps_per_epoch == steps
         batches = take(loader)
         assert len(batches) == steps and all(len(keys) == batch for keys, _ in batches)
@@ -70,7 +64,7 @@ def test_ranks_are_disjoint_cover_the_epoch_and_run_equal_steps(tmp_path, sizes,
 def test_batches_hold_the_right_pixels_and_labels(uneven):
     truth = {key: parts for key, parts in digits_samples()}
     mean, std = (np.asarray(v, np.float32)[:, None, None] for v in mean_std("digits"))
-    loader = make_loader(uneven, batch=100)
+    loader = make_loader(uneven, batch_size=100)
     batch = next(iter(loader))
     pixels = (batch.views["image"].numpy() * std + mean) * 255
     for i, key in enumerate(batch.keys):
@@ -81,17 +75,17 @@ def test_batches_hold_the_right_pixels_and_labels(uneven):
 
 
 def test_order_is_reshuffled_per_epoch_from_seed_and_epoch(uneven):
-    loader = make_loader(uneven, batch=256, seed=3)
+    loader = make_loader(uneven, batch_size=256, seed=3)
     epoch0, epoch1 = real_keys(take(loader)), real_keys(take(loader))
     assert sorted(epoch0) == sorted(epoch1) and epoch0 != epoch1
     loader.close()
-    again = make_loader(uneven, batch=256, seed=3)
+    again = make_loader(uneven, batch_size=256, seed=3)
     assert real_keys(take(again)) == epoch0
     again.close()
-    other = make_loader(uneven, batch=256, seed=4)
+    other = make_loader(uneven, batch_size=256, seed=4)
     assert real_keys(take(other)) != epoch0
     other.close()
-    unshuffled = make_loader(uneven, batch=256, shuffle=False)
+    unshuffled = make_loader(uneven, batch_size=256, shuffle=False)
     assert real_keys(take(unshuffled)) == [key for key, _ in digits_samples()]  # manifest order
     unshuffled.close()
 
@@ -101,7 +95,7 @@ def test_resume_continues_with_exactly_the_unseen_samples(uneven, new_world):
     world, k = 2, 4
     seen, states = [], []
     for rank in range(world):
-        loader = make_loader(uneven, rank, world, batch=64, seed=7)
+        loader = make_loader(uneven, rank, world, batch_size=64, seed=7)
         take(loader)  # epoch 0 entirely
         seen += real_keys(take(loader, k))  # then k batches of epoch 1
         states.append(loader.state_dict())
@@ -109,7 +103,7 @@ def test_resume_continues_with_exactly_the_unseen_samples(uneven, new_world):
     assert all(s == states[0] for s in states) and states[0]["epoch"] == 1 and states[0]["step"] == k
     rest = []
     for rank in range(new_world):
-        loader = make_loader(uneven, rank, new_world, batch=64, seed=0)  # the seed comes back from the state
+        loader = make_loader(uneven, rank, new_world, batch_size=64, seed=0)  # the seed comes back from the state
         loader.load_state_dict(states[0])
         steps = len(loader)
         batches = take(loader)
@@ -122,19 +116,19 @@ def test_resume_continues_with_exactly_the_unseen_samples(uneven, new_world):
     assert sorted(seen + remaining) == sorted(key for key, _ in digits_samples())
     # the same positions as an uninterrupted run of the same world size
     if new_world == world:
-        straight = make_loader(uneven, 0, world, batch=64, seed=7)
+        straight = make_loader(uneven, 0, world, batch_size=64, seed=7)
         take(straight)
         assert real_keys(take(straight))[k * 64:] == rest[0]
         straight.close()
 
 
 def test_state_saved_at_the_end_of_an_epoch_resumes_at_the_next(uneven):
-    loader = make_loader(uneven, batch=512)
+    loader = make_loader(uneven, batch_size=512)
     take(loader)
     state = loader.state_dict()
     assert (state["epoch"], state["step"], state["position"]) == (1, 0, 0)
     loader.close()
-    mid = make_loader(uneven, batch=512)
+    mid = make_loader(uneven, batch_size=512)
     mid.load_state_dict({**state, "epoch": 0, "step": 3, "position": 3 * 512})  # past the last sample
     assert (mid.epoch, mid.position, len(mid)) == (1, 0, 3)
     mid.close()
