@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.engine.compose import load
+from pipeline.config.compose import load
 
 DATASET = "digits"
 METHODS = ("aasae", "aag", "vae", "simclr")
@@ -50,9 +50,10 @@ def ensure_shards(root: str) -> bool:
     """Convert the embedded digits set into `root` unless its manifests are there; True when it converted."""
     from pipeline.data.convert import ConvertOptions, convert
     from pipeline.data.shard_format import manifest_name
-    from pipeline.data.sources import SPLITS, build_source
+    from pipeline.data.datasets import DATASETS
+    from pipeline.data.sources import build_source
 
-    splits = SPLITS[DATASET]
+    splits = DATASETS[DATASET].splits
     if all((Path(root) / manifest_name(DATASET, s)).is_file() for s in splits):
         return False
     for split in splits:
@@ -98,7 +99,7 @@ def export_random_init(path: Path, arch: str, stem: str, width: int, seed: int =
 
 def eval_overrides(data_root: str, linear_epochs: int) -> list[str]:
     return [f"data={DATASET}", f"data.root={data_root}", f"knn_k={KNN_K}", f"linear.epochs={linear_epochs}",
-            "data.device=cpu"]
+            "data.loader.device=cpu"]
 
 
 def evaluate_encoder(encoder: Path | str, out: Path, data_root: str, linear_epochs: int,

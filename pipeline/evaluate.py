@@ -6,8 +6,8 @@
 
 `encoder` is an exported encoder.safetensors, a checkpoint folder (each holds its exported encoder), or a run dir
 (its final export, else its newest complete checkpoint). No DeepSpeed is involved: the safetensors file carries the
-architecture. The encoder runs on data.device, where the loader delivers the images. Training split:
-data.bank_manifest; test split: data.test_manifest; both read in order with the eval transform (the linear probe's
+architecture. The encoder runs on data.loader.device, where the loader delivers the images. Training split:
+data.bank_split; test split: data.test_split; both read in order with the centre-crop transform (the linear probe's
 training split with random crops and flips when linear.augment=true). Results are printed and written as JSON to
 `output` (default: eval_<dataset>.json beside the encoder).
 """
@@ -21,11 +21,12 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.engine import config_schema
-from pipeline.engine.compose import VERSION_BASE, exit_if_bad_cli
+from pipeline.config import schema
+from pipeline.config.compose import VERSION_BASE, exit_if_bad_cli
 
-config_schema.register()
-PROTOCOLS = ("knn", "linear")
+schema.register()
+PROTOCOLS = tuple(p.value for p in schema.Protocol)
+LINEAR_TRAIN_VIEWS = {"image": "crop_flip"}  # linear.augment: random crops and flips of the training split
 
 
 def find_encoder(path: str) -> Path:
@@ -45,36 +46,31 @@ def find_encoder(path: str) -> Path:
 def evaluate(cfg: DictConfig, encoder: torch.nn.Module | None = None) -> dict:
     """kNN and linear probe of the encoder file `cfg.encoder`, or of `encoder` (any module with `.out_dim`, e.g.
     flattened raw pixels as a baseline; `cfg.encoder` then only names it in the results)."""
-    from pipeline.data.loader import resolve_device
-    from pipeline.data.shard_format import read_manifest
+    from pipeline.data.loader import EVAL_VIEWS, loader_for, resolve_device
     from pipeline.engine.export import load_encoder, read_metadata
-    from pipeline.engine.feature_pass import features
-    from pipeline.engine.loaders import build_loader
-    from pipeline.engine.probe import knn, linear_probe
+    from pipeline.evaluation.features import features
+    from pipeline.evaluation.knn import knn
+    from pipeline.evaluation.linear import linear_probe
 
-    unknown = sorted(set(cfg.protocols) - set(PROTOCOLS))
-    if unknown:
-        raise ValueError(f"protocols {unknown} unknown; choose from {PROTOCOLS}")
     torch.manual_seed(cfg.seed)
-    device = resolve_device(cfg.data.device)  # where the loader delivers the images
+    device = resolve_device(cfg.data.loader.device)  # where the loader delivers the images
     path = None
     if encoder is None:
         path = find_encoder(cfg.encoder)
         encoder = load_encoder(path, device)
-    num_classes = len(read_manifest(cfg.data.bank_manifest).classes)
     batch = cfg.linear.batch_size
 
     def labelled(feats, labels):
         keep = labels >= 0
         return feats[keep], labels[keep]
 
-    def split(manifest: str, recipe: str = "eval", seed: int = 0):
-        loader = build_loader(cfg.data, manifest, recipe, batch, 0, 1, seed=seed, shuffle=recipe != "eval")
+    def split(role: str, views: dict[str, str] = EVAL_VIEWS, seed: int = 0):
+        loader = loader_for(cfg.data, role, views, batch, 0, 1, seed=seed, shuffle=views is not EVAL_VIEWS)
         out = labelled(*features(encoder, loader))
         loader.close()
-        return out
+        return out, len(loader.index.manifest.classes)
 
-    train, test = split(cfg.data.bank_manifest), split(cfg.data.test_manifest)
+    (train, num_classes), (test, _) = split("bank"), split("test")
     results = {"encoder": str(path or cfg.encoder), "step": read_metadata(path).get("step") if path else None,
                "dataset": cfg.data.dataset,
                "train_samples": len(train[1]), "test_samples": len(test[1])}
@@ -85,7 +81,7 @@ def evaluate(cfg: DictConfig, encoder: torch.nn.Module | None = None) -> dict:
         stats = (train[0].mean(0), train[0].std(0).clamp_min(1e-6))
 
         def batches(epoch: int):
-            feats, labels = split(cfg.data.bank_manifest, "linear", cfg.seed + epoch) if lin.augment else train
+            feats, labels = split("bank", LINEAR_TRAIN_VIEWS, cfg.seed + epoch)[0] if lin.augment else train
             order = torch.randperm(len(labels), device=labels.device)
             return [(feats[i], labels[i]) for i in order.split(batch)]
 

@@ -6,7 +6,7 @@
     python -m pipeline.train experiment=smoke method=aag            # minutes on a CPU (digits shards)
     python -m pipeline.train --cfg job experiment=cifar10_aag       # print the composed config
 
-Configs live in configs/ (schemas: pipeline/engine/config_schema.py). A mistyped key stops here, before anything
+Configs live in configs/ (schemas: pipeline.config.schema.py). A mistyped key stops here, before anything
 starts, with the key and the valid ones. Re-running the same command resumes from the newest checkpoint in run_dir.
 Exit status: 0 finished or stopped by SIGTERM/SIGUSR1 after checkpointing, 2 bad config, 3 non-finite loss.
 """
@@ -19,19 +19,23 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from pipeline.engine import config_schema
-from pipeline.engine.compose import VERSION_BASE, exit_if_bad_cli, exit_with
+from pipeline.config import schema
+from pipeline.config.compose import VERSION_BASE, exit_if_bad_cli, exit_with
 
-config_schema.register()
+schema.register()
 
 
 @hydra.main(config_path="../configs", config_name="train", version_base=VERSION_BASE)
 def _app(cfg: DictConfig) -> None:
+    from pipeline.config.checks import ConfigError
     from pipeline.engine.trainer import NonFiniteLoss, Trainer
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     try:
         status = Trainer(cfg).run()
+    except ConfigError as err:
+        print(f"pipeline.train: {err}", file=sys.stderr)
+        exit_with(2)
     except NonFiniteLoss as err:
         logging.getLogger(__name__).error("%s", err)
         exit_with(3)

@@ -15,7 +15,7 @@ from torch.nn.parallel import DistributedDataParallel
 from pipeline.distributed import gather_variable, gather_with_grad
 from pipeline.losses import LOSSES
 from pipeline.methods import METHODS, build_method
-from pipeline.monitors import KNNMonitor
+from pipeline.evaluation.knn import KNNMonitor
 
 GLOBAL_BATCH = 8
 CONTRASTIVE = {"gnt_xent": 3, "nt_xent": 2}  # loss -> number of views

@@ -1,8 +1,10 @@
 """Shards for the loader tests: real digits, colour and coordinate-ramp images, split into shards of chosen (uneven)
-sizes, and deliberately broken samples. Written in the shard format of DESIGN.md §3 (tar + DALI index + manifest)."""
+sizes, and deliberately broken samples. Written in the shard format of docs/shard-format.md (tar + DALI index +
+manifest)."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import posixpath
@@ -15,17 +17,25 @@ from PIL import Image
 
 from pipeline.data.image_bytes import encode_pixels
 from pipeline.data.loader import ShardLoader
-from pipeline.data.loader_config import LoaderConfig
+from pipeline.data.loader_config import LoaderConfig, LoaderTuning
 from pipeline.data.shard_format import Manifest, ShardEntry, dali_index, index_name, manifest_name, shard_name
 from pipeline.data.sources import build_source
+from pipeline.methods import METHODS
 
 Sample = tuple[str, dict[str, bytes]]  # key, ext -> member bytes (tar order)
 
 
-def make_loader(manifest: str, rank: int = 0, world: int = 1, **options) -> ShardLoader:
-    """A CPU loader for tests: eval recipe, batches of 64, two DALI threads and one reader unless `options` say so."""
-    options = {"recipe": "eval", "batch_size": 64, "num_threads": 2, "read_workers": 1, "device": "cpu", **options}
-    return ShardLoader(LoaderConfig(manifest=manifest, **options), rank, world)
+TUNING = {f.name for f in dataclasses.fields(LoaderTuning)}
+
+
+def make_loader(manifest: str, rank: int = 0, world: int = 1, method: str | None = None, **options) -> ShardLoader:
+    """A CPU loader for tests: the center_crop view (or the views `method` declares), batches of 64, two DALI threads
+    and one reader unless `options` (LoaderConfig's or LoaderTuning's fields) say otherwise."""
+    tuning = {"num_threads": 2, "read_workers": 1, "device": "cpu", **{k: v for k, v in options.items() if k in TUNING}}
+    use = {"batch_size": 64, **{k: v for k, v in options.items() if k not in TUNING}}
+    if method:
+        use["views"] = METHODS[method].views
+    return ShardLoader(LoaderConfig(manifest=manifest, tuning=LoaderTuning(**tuning), **use), rank, world)
 
 
 def labelled(key: str, image: bytes, label: int, ext: str = "png") -> Sample:

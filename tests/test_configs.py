@@ -6,9 +6,8 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from pipeline.engine.compose import CONFIG_DIR, ConfigError, load
-from pipeline.engine.model import build_model
-from pipeline.methods import METHODS
+from pipeline.config.compose import CONFIG_DIR, ConfigError, load
+from pipeline.methods import METHODS, method_for
 
 GROUPS = sorted(p.name for p in Path(CONFIG_DIR).iterdir() if p.is_dir())
 OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((Path(CONFIG_DIR) / g).glob("*.yaml"))]
@@ -35,7 +34,7 @@ def test_every_group_option_composes(group, option):
 def test_every_experiment_composes_and_builds_its_model(experiment):
     cfg = load("train", [f"experiment={experiment}"])
     assert cfg.experiment_name == experiment or experiment == "smoke"
-    model = build_model(cfg, num_classes=10)
+    model = method_for(cfg, num_classes=10)
     assert model.views == METHODS[cfg.method.name].views
     assert model.encoder.arch == cfg.backbone.arch and model.encoder.stem == cfg.data.stem
 
@@ -70,7 +69,7 @@ def test_paper_hyper_parameters():
     (["optimizer.lrr=1"], "unknown config key 'optimizer.lrr': 'optimizer' (OptimizerConfig) has the keys name, lr,"),
     (["+optimizer.lrr=1"], "unknown config key 'optimizer.lrr'"),
     (["epochss=3"], "unknown config key 'epochss': '<top level>' (TrainConfig) has the keys method, data,"),
-    (["method=aag", "method.latent_dim=3"], "'method' (AAGConfig) has the keys name, recipe, proj_dim,"),
+    (["method=aag", "method.latent_dim=3"], "'method' (AAGConfig) has the keys name, proj_dim,"),
     (["data.batch_size=many"], "invalid value for 'data.batch_size'"),
     (["optimizer=lars2"], "Available options in 'optimizer'"),
 ])
@@ -83,7 +82,7 @@ def test_mistyped_keys_fail_naming_the_key_and_the_valid_ones(overrides, message
 def test_a_mistyped_key_inside_a_preset_file_fails_too(tmp_path, monkeypatch):
     import shutil
 
-    import pipeline.engine.compose as compose
+    import pipeline.config.compose as compose
 
     configs = tmp_path / "configs"
     shutil.copytree(CONFIG_DIR, configs)

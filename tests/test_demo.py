@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.demo import METHODS, NAMES, PAPER_METHODS, format_table, warnings_for
-from pipeline.engine.compose import load
+from pipeline.config.compose import load
 
 REPO = Path(__file__).resolve().parents[1]
 ROWS = [*PAPER_METHODS, "random_init", "raw_pixels"]
@@ -58,7 +58,7 @@ def test_every_demo_preset_composes_on_the_same_small_encoder(method):
     cfg = load("train", [f"experiment=demo_{method}"])
     assert cfg.method.name == method and cfg.data.dataset == "digits"
     assert (cfg.backbone.arch, cfg.data.stem, cfg.backbone.width) == ("resnet_small", "cifar", 1)
-    assert cfg.data.device == "cpu" and cfg.logger.wandb_mode == "disabled"
+    assert cfg.data.loader.device == "cpu" and cfg.logger.wandb_mode == "disabled"
 
 
 def test_table_and_warning_lines():

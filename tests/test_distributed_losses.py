@@ -20,7 +20,7 @@ from torch.testing import assert_close
 
 import dist_worker as w
 from pipeline.losses import LOSSES
-from pipeline.monitors import KNNMonitor
+from pipeline.evaluation.knn import KNNMonitor
 
 pytestmark = pytest.mark.slow
 WORLD = 2

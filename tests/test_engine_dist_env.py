@@ -2,7 +2,7 @@
 
 import pytest
 
-from pipeline.engine.dist_env import DistEnv, DistEnvError, expand_hostlist, export, resolve
+from pipeline.distributed import DistEnv, DistEnvError, expand_hostlist, export, resolve
 
 
 def no_scontrol(hostlist):

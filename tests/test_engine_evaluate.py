@@ -49,7 +49,7 @@ def test_evaluate_prints_and_writes_top1_and_top5(shards, exported, tmp_path):
     output = tmp_path / "results.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "pipeline.evaluate", "data=digits", f"data.root={shards}",
-                           f"encoder={path.parents[2]}", "linear.epochs=10", "knn_k=20", "data.device=cpu",
+                           f"encoder={path.parents[2]}", "linear.epochs=10", "knn_k=20", "data.loader.device=cpu",
                            f"output={output}"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = json.loads(output.read_text())

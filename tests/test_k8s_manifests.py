@@ -217,7 +217,7 @@ def test_variants_differ_only_where_they_should(rendered):
 
 def test_experiment_presets_compose_with_the_manifest_overrides(rendered):
     """What a pod passes to pipeline.train (experiment, run_dir, data.root, logger) composes for every variant."""
-    from pipeline.engine.compose import load
+    from pipeline.config.compose import load
 
     for key, resources in rendered.items():
         for cm in by_kind(resources, "ConfigMap"):

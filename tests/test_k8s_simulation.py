@@ -33,8 +33,8 @@ pytestmark = pytest.mark.slow
 
 require_k8s_tools()
 
-CPU_ARGS = ["data=digits", "backbone=resnet_small", "deepspeed=zero0", "data.device=cpu", "data.batch_size=16",
-            "data.num_threads=1", "data.read_workers=1", "logger.progress_bar=false", "logger.log_every_steps=1",
+CPU_ARGS = ["data=digits", "backbone=resnet_small", "deepspeed=zero0", "data.loader.device=cpu", "data.batch_size=16",
+            "data.loader.num_threads=1", "data.loader.read_workers=1", "logger.progress_bar=false", "logger.log_every_steps=1",
             "monitor.knn_every_epochs=0"]
 RUN_TIMEOUT = 300
 

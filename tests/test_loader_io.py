@@ -45,7 +45,7 @@ def test_remote_shards_give_the_same_samples_in_the_same_order(tmp_path, memory_
     local = write_split(str(tmp_path), "digits", "train", digits_samples(), SIZES, DIGIT_CLASSES)
     remote = write_split(memory_folder, "digits", "train", digits_samples(), SIZES, DIGIT_CLASSES)
     assert remote.startswith("memory://")
-    options = {"recipe": "aag", "seed": 11, "batch_size": 100}
+    options = {"method": "aag", "seed": 11, "batch_size": 100}
     here = first_batches(make_loader(local, 1, 2, io=io, **options), 3)  # fsspec: the remote code path on local files
     there = make_loader(remote, 1, 2, **options)
     assert not there.index.local
@@ -160,8 +160,9 @@ def test_bad_urls_and_settings_fail_clearly(tmp_path):
         make_loader(str(tmp_path / "nothing.manifest.json"))
     with pytest.raises(ShardError, match="nosuchprotocol"):
         make_loader("nosuchprotocol://bucket/imagenet-train.manifest.json")
-    with pytest.raises(ValueError, match="unknown recipe"):
-        make_loader(str(tmp_path / "x.manifest.json"), recipe="mocov3")
+    with pytest.raises(ValueError, match="unknown augmentation"):
+        make_loader(write_split(str(tmp_path), "digits", "train", digits_samples()[:10], [10], DIGIT_CLASSES),
+                    views={"image": "mocov3"})
     with pytest.raises(ValueError, match="io=posix needs local shards"):
         make_loader(write_split("memory://loader-tests/posix", "digits", "train", digits_samples()[:10], [10],
                                 DIGIT_CLASSES), io="posix")

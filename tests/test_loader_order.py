@@ -12,7 +12,7 @@ from PIL import Image
 
 from loader_data import digits_samples, digits_split, make_loader
 from pipeline.data.loader import ShardLoader
-from pipeline.data.normalization import mean_std
+from pipeline.data.datasets import DATASETS
 from pipeline.data.sample_order import SampleOrder
 
 N_DIGITS = 1438
@@ -63,7 +63,7 @@ def test_ranks_are_disjoint_cover_the_epoch_and_run_equal_steps(tmp_path, sizes,
 
 def test_batches_hold_the_right_pixels_and_labels(uneven):
     truth = {key: parts for key, parts in digits_samples()}
-    mean, std = (np.asarray(v, np.float32)[:, None, None] for v in mean_std("digits"))
+    mean, std = (np.asarray(v, np.float32)[:, None, None] for v in (DATASETS["digits"].mean, DATASETS["digits"].std))
     loader = make_loader(uneven, batch_size=100)
     batch = next(iter(loader))
     pixels = (batch.views["image"].numpy() * std + mean) * 255

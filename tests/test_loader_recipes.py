@@ -1,4 +1,4 @@
-"""Statistics of the augmentation recipes, run by DALI's CPU backend on a few thousand samples of real shards:
+"""Statistics of the augmentations, run by DALI's CPU backend on a few thousand samples of real shards:
 crop areas and aspect ratios within the configured ranges, flips and grayscale at their probabilities, the AASAE
 target equal to the eval transform, an auxiliary view that differs from the standard ones and is never black; and
 the output formats (dtype, channels-last)."""
@@ -14,20 +14,14 @@ import torch
 from PIL import Image
 from scipy.ndimage import gaussian_filter1d
 
-from loader_data import RAMP_SIDE, colour_samples, noise_samples, ramp_samples, write_split
+from loader_data import RAMP_SIDE, colour_samples, make_loader, noise_samples, ramp_samples, write_split
+from pipeline.data.augmentations import ViewSpec, contrastive, crop_flip, crop_jitter, randaugment_view
+from pipeline.data.datasets import DATASETS
 from pipeline.data.loader import ShardLoader
-from pipeline.data.loader_config import LoaderConfig
-from pipeline.data.normalization import mean_std
-from pipeline.data.recipes import PROFILES, aag_auxiliary_view, aag_standard_view, simclr_view, ViewSpec
 
 CIFAR_CLASSES = [str(k) for k in range(10)]
 N = 2000
-MEAN, STD = (np.asarray(v, np.float32)[None, :, None, None] for v in mean_std("cifar10"))
-
-
-def make_loader(manifest: str, recipe: str, batch: int = 500, **options) -> ShardLoader:
-    return ShardLoader(LoaderConfig(manifest=manifest, recipe=recipe, batch_size=batch, num_threads=2,
-                                    read_workers=1, device="cpu", **options))
+MEAN, STD = (np.asarray(v, np.float32)[None, :, None, None] for v in (DATASETS["cifar10"].mean, DATASETS["cifar10"].std))
 
 
 def epoch_views(loader: ShardLoader) -> dict[str, np.ndarray]:
@@ -65,10 +59,11 @@ def geometry_only(spec: ViewSpec) -> ViewSpec:
 
 @pytest.mark.slow
 def test_crop_areas_aspect_ratios_and_flips(ramps):
-    cifar = PROFILES["cifar"]
-    specs = {"simclr": simclr_view(cifar), "aag_standard": aag_standard_view(cifar),
-             "aag_auxiliary": aag_auxiliary_view(cifar, 2, 10), "linear": ViewSpec(cifar.size, (0.08, 1.0))}
-    loader = make_loader(ramps, "aag")
+    cifar = DATASETS["cifar10"]
+    specs = {name: make(cifar, 32, (2, 10)) for name, make in
+             (("contrastive", contrastive), ("crop_jitter", crop_jitter), ("randaugment", randaugment_view),
+              ("crop_flip", crop_flip))}
+    loader = make_loader(ramps, method="aag", batch_size=500)
     loader.views = {name: geometry_only(spec) for name, spec in specs.items()}
     views = epoch_views(loader)
     for name, spec in specs.items():
@@ -88,12 +83,12 @@ def test_crop_areas_aspect_ratios_and_flips(ramps):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("recipe", ["simclr", "aag"])
-def test_grayscale_at_its_probability(colour, recipe):
-    views = epoch_views(make_loader(colour, recipe))
+@pytest.mark.parametrize("method", ["simclr", "aag"])
+def test_grayscale_at_its_probability(colour, method):
+    views = epoch_views(make_loader(colour, method=method, batch_size=500))
     for name in ("u", "v"):
         assert abs(is_gray(views[name]).mean() - 0.2) < 0.03, name
-    if recipe == "aag":
+    if method == "aag":
         assert not is_gray(views["w"]).any()
 
 
@@ -103,9 +98,10 @@ def test_blur_is_a_gaussian_of_the_configured_window_applied_half_the_time(tmp_p
     unblurred view is the image itself and a blurred one must match some sigma in 0.1-2."""
     samples = noise_samples(400)
     manifest = write_split(str(tmp_path), "stl10", "train", samples, [400], CIFAR_CLASSES)
-    loader = make_loader(manifest, "linear", batch=100, shuffle=False)
+    loader = make_loader(manifest, batch_size=100, shuffle=False, views={"image": "crop_flip"})
     loader.views = {"image": ViewSpec(96, (1.0, 1.0), (1.0, 1.0), flip=0.0, blur_p=0.5)}
-    mean, std = (np.asarray(v, np.float32)[None, :, None, None] for v in mean_std("stl10"))
+    stl10 = DATASETS["stl10"]
+    mean, std = (np.asarray(v, np.float32)[None, :, None, None] for v in (stl10.mean, stl10.std))
     views = np.round(np.concatenate([b.views["image"].numpy() for b in loader]) * std * 255 + mean * 255)
     loader.close()
     originals = np.stack([np.asarray(Image.open(io.BytesIO(parts["png"]))) for _, parts in samples])
@@ -124,8 +120,8 @@ def test_blur_is_a_gaussian_of_the_configured_window_applied_half_the_time(tmp_p
 
 @pytest.mark.slow
 def test_aasae_target_is_the_eval_transform_and_the_view_is_augmented(colour):
-    aasae = make_loader(colour, "aasae", seed=5)
-    evaluation = make_loader(colour, "eval", seed=5)
+    aasae = make_loader(colour, method="aasae", seed=5, batch_size=500)
+    evaluation = make_loader(colour, seed=5, batch_size=500)
     for pair, single in zip(aasae, evaluation):
         assert pair.keys == single.keys
         torch.testing.assert_close(pair.views["target"], single.views["image"], rtol=0, atol=0)
@@ -133,13 +129,11 @@ def test_aasae_target_is_the_eval_transform_and_the_view_is_augmented(colour):
         assert differs.float().mean() > 0.95
     aasae.close()
     evaluation.close()
-    vae = next(iter(make_loader(colour, "vae", seed=5)))
-    assert vae.views["view"] is vae.views["target"]
 
 
 @pytest.mark.slow
 def test_auxiliary_view_differs_from_the_standard_views_and_is_never_black(colour):
-    views = epoch_views(make_loader(colour, "aag"))
+    views = epoch_views(make_loader(colour, method="aag", batch_size=500))
     u, v, w = views["u"], views["v"], views["w"]
     for standard in (u, v):
         assert (np.abs(w - standard).mean(axis=(1, 2, 3)) > 5).all()
@@ -152,8 +146,8 @@ def test_auxiliary_view_differs_from_the_standard_views_and_is_never_black(colou
 
 @pytest.mark.parametrize("dtype, channels_last", [("bfloat16", False), ("float16", True), ("float32", True)])
 def test_output_dtype_and_layout(colour, dtype, channels_last):
-    reference = next(iter(make_loader(colour, "eval", batch=64, shuffle=False)))
-    batch = next(iter(make_loader(colour, "eval", batch=64, shuffle=False, dtype=dtype, channels_last=channels_last)))
+    reference = next(iter(make_loader(colour, shuffle=False)))
+    batch = next(iter(make_loader(colour, shuffle=False, dtype=dtype, channels_last=channels_last)))
     image = batch.views["image"]
     assert image.shape == (64, 3, 32, 32) and image.dtype == getattr(torch, dtype)
     assert image.is_contiguous(memory_format=torch.channels_last) == channels_last

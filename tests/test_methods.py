@@ -1,6 +1,7 @@
 """The four methods behind the trainer contract: AASAE's loss terms and sampling, the registry, the online probe,
 and that a few optimiser steps on a fixed batch lower each method's loss."""
 
+import dataclasses
 import math
 
 import pytest
@@ -8,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch.testing import assert_close
 
+from pipeline.data.augmentations import AUGMENTATIONS
 from pipeline.methods import METHODS, build_method
 from pipeline.methods.aag import AAG, SimCLR
 from pipeline.methods.aasae import AASAE, VAE
@@ -47,8 +49,8 @@ def test_baseline_defaults():
     with pytest.raises(ValueError):
         build_method("vae", kl_weight=0.0, **SMALL_AE)
     aag, simclr = build_method("aag", **SMALL), build_method("simclr", **SMALL)
-    assert (aag.views, aag.temperature, aag.loss_name) == (("u", "v", "w"), 0.1, "gnt_xent")
-    assert (simclr.views, simclr.temperature, simclr.loss_name) == (("u", "v"), 0.5, "nt_xent")
+    assert (tuple(aag.views), aag.temperature, aag.loss_name) == (("u", "v", "w"), 0.1, "gnt_xent")
+    assert (tuple(simclr.views), simclr.temperature, simclr.loss_name) == (("u", "v"), 0.5, "nt_xent")
 
 
 def test_missing_views_raise():
@@ -173,3 +175,30 @@ def test_online_probe_ignores_unlabelled_samples():
     model = build_method("aasae", num_classes=10, **SMALL_AE)
     loss, metrics = model(views_for(model), torch.full((8,), -1))
     assert torch.isfinite(loss) and metrics["online_loss"] == 0
+
+
+def test_every_method_declares_views_the_loader_can_make_and_its_own_schema():
+    for name, cls in METHODS.items():
+        assert cls.views and set(cls.views.values()) <= set(AUGMENTATIONS), name
+        assert dataclasses.is_dataclass(cls.config) and cls.config().name == name
+
+
+@pytest.mark.parametrize("name, grid, rows", [
+    ("aasae", "reconstructions", ["original", "encoder input", "reconstruction"]),
+    ("vae", "reconstructions", ["original", "encoder input", "reconstruction"]),
+    ("aag", "views", ["u", "v", "w"]),
+    ("simclr", "views", ["u", "v"]),
+])
+def test_visualize_draws_the_named_rows_of_eight_images(name, grid, rows):
+    torch.manual_seed(0)
+    model = build_method(name, **(SMALL_AE if name in ("aasae", "vae") else SMALL)).train()
+    views = views_for(model, n=12)
+    grids = model.visualize(views)
+    assert list(grids) == [grid] and list(grids[grid]) == rows
+    for images_ in grids[grid].values():
+        assert images_.shape == (8, 3, 32, 32)
+    assert model.training  # drawing leaves the training mode as it was
+    if name in ("aasae", "vae"):  # the reconstruction is the decoder's mean, D(mu)
+        with torch.no_grad():
+            _, _, expected = mean_reconstruction(model.eval(), grids[grid]["encoder input"])
+        assert_close(grids[grid]["reconstruction"], expected)

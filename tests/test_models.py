@@ -64,9 +64,15 @@ def test_full_size_decoders_output_the_image_size(arch, stem, size):
     assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in decoder.modules())
 
 
-def test_decoder_rejects_sizes_it_cannot_reach():
+@pytest.mark.parametrize("stem, size", [("stl10", 100), ("imagenet", 48), ("cifar", 36)])
+def test_decoder_reaches_sizes_the_encoder_does_not_divide_evenly(stem, size):
+    decoder = ResNetDecoder("resnet_small", stem, size, latent_dim=16, hidden_dim=64)
+    assert decoder(torch.randn(2, 16)).shape == (2, 3, size, size)
+
+
+def test_decoder_rejects_an_empty_image():
     with pytest.raises(ValueError):
-        ResNetDecoder("resnet_small", "stl10", 100)
+        ResNetDecoder("resnet_small", "stl10", 0)
 
 
 def test_channels_last_gives_the_same_features():

@@ -4,7 +4,8 @@ import torch
 import torch.nn.functional as F
 from torch.testing import assert_close
 
-from pipeline.monitors import KNNMonitor, OnlineLinearProbe, knn_scores
+from pipeline.evaluation.knn import KNNMonitor, knn_scores
+from pipeline.evaluation.linear import OnlineLinearProbe
 
 
 def ref_knn_scores(queries, bank, labels, num_classes, k, tau):

@@ -28,8 +28,8 @@ FINISHED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_
             "PREEMPTED"}
 
 # what turns any of the GPU presets into a seconds-long CPU run on the digits shards
-CPU_OVERRIDES = ["data=digits", "backbone=resnet_small", "deepspeed=zero0", "data.device=cpu", "data.batch_size=16",
-                 "data.num_threads=1", "data.read_workers=1", "logger=none", "logger.progress_bar=false",
+CPU_OVERRIDES = ["data=digits", "backbone=resnet_small", "deepspeed=zero0", "data.loader.device=cpu", "data.batch_size=16",
+                 "data.loader.num_threads=1", "data.loader.read_workers=1", "logger=none", "logger.progress_bar=false",
                  "logger.log_every_steps=1", "monitor.knn_every_epochs=0"]
 # the sbatch flags that fit the job on this node; --time bounds every job, --signal must fit inside it
 CPU_TORCHRUN = ["--nodes=1", "--gpus-per-node=0", "--cpus-per-task=2", "--mem=1G", "--time=5",

@@ -59,8 +59,8 @@ def losses(run_dir) -> dict[int, float]:
 def worker(shards: str, out: str) -> None:
     import torch.distributed as dist
 
-    from pipeline.engine.compose import load
-    from pipeline.engine.loaders import build_loader
+    from pipeline.config.compose import load
+    from pipeline.data.loader import EVAL_VIEWS, loader_for
     from pipeline.engine.trainer import Trainer
 
     for stage in STAGES:
@@ -72,7 +72,7 @@ def worker(shards: str, out: str) -> None:
             result = {}
             if method == "aasae":  # features of a fixed test batch from the (possibly ZeRO-3) engine, before any
                 # further train-mode forward updates the BatchNorm statistics the export holds
-                loader = build_loader(cfg.data, cfg.data.test_manifest, "eval", 8, 0, 1, shuffle=False)
+                loader = loader_for(cfg.data, "test", EVAL_VIEWS, 8, 0, 1, shuffle=False)
                 images = next(iter(loader)).views["image"]
                 loader.close()
                 with torch.no_grad():
@@ -80,8 +80,8 @@ def worker(shards: str, out: str) -> None:
                 trainer.method.train()
             # The first training batch again (same seed, position 0: the same views as step 1), through the
             # trained engine: its loss must be below the step-1 loss of the untrained one.
-            loader = build_loader(cfg.data, cfg.data.train_manifest, cfg.method.recipe, trainer.geometry.micro_batch,
-                                  rank, world, seed=cfg.seed)
+            loader = loader_for(cfg.data, "train", trainer.method.views, trainer.geometry.micro_batch, rank, world,
+                                seed=cfg.seed)
             batch = next(iter(loader))
             loader.close()
             with torch.no_grad():

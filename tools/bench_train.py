@@ -84,7 +84,7 @@ def worker(args) -> None:
     import torch
     import torch.distributed as dist
 
-    from pipeline.engine.compose import load
+    from pipeline.config.compose import load
     from pipeline.engine.trainer import Trainer
 
     stage = int(args.worker)

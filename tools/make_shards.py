@@ -20,13 +20,14 @@ import sys
 
 from pipeline.data.convert import ConversionError, ConvertOptions, convert
 from pipeline.data.shard_format import manifest_name
-from pipeline.data.sources import DEFAULT_SPLITS, SPLITS, SourceLayoutError, build_source
+from pipeline.data.datasets import DATASETS
+from pipeline.data.sources import SOURCES, SourceLayoutError, build_source
 from pipeline.data.verify import verify
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("dataset", choices=sorted(SPLITS), help="source format")
+    p.add_argument("dataset", choices=sorted(SOURCES), help="source format")
     p.add_argument("--src", help="dataset folder or file (not needed for digits)")
     p.add_argument("--out", required=True, help="output folder: a path or any fsspec URL (file://, s3://, gs://, memory://)")
     p.add_argument("--split", action="append", help="split to convert (repeatable; default: all of the dataset's)")
@@ -56,7 +57,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     dataset = (args.name or "folder") if args.dataset == "folder" else args.dataset
-    splits = args.split or list(DEFAULT_SPLITS[args.dataset])
+    splits = args.split or list(DATASETS[args.dataset].default_splits)
     manifests = [posixpath.join(args.out, manifest_name(dataset, split)) for split in splits]
     try:
         opts = ConvertOptions(samples_per_shard=args.samples_per_shard, max_shard_bytes=int(args.shard_bytes),

@@ -3,7 +3,7 @@
 One graph for every storage: DALI's parallel external source runs BatchSource in worker processes, which reads each
 sample's bytes by (shard, offset, size) from the shards' DALI index (pread locally, fsspec range requests remotely),
 so local and remote shards give the same samples in the same order by construction. The decoder is nvJPEG ("mixed")
-on a CUDA device and DALI's CPU decoder otherwise; every view is made by DALI on the same device (recipes.py).
+on a CUDA device and DALI's CPU decoder otherwise; every view is made by DALI on the same device (augmentations.py).
 
 The stream runs through epochs without a break (no pipeline drain at epoch ends); the loader cuts it into epochs of
 exactly `steps_per_epoch` batches and records the position of the next batch, which state_dict() saves.
@@ -27,10 +27,11 @@ import torch
 
 from .batch_source import OK, STATUS_TEXT, BatchSource
 from .image_bytes import CorruptImage, decode_rgb
-from .loader_config import LoaderConfig
-from .normalization import MEAN_STD, mean_std
-from .recipes import Output, eval_view, profile_for, random_view, recipe_views, uses_conditionals
+from .augmentations import Output, eval_view, random_view, uses_conditionals, view_specs
+from .datasets import DATASETS, dataset_info
+from .loader_config import LoaderConfig, LoaderTuning
 from .sample_order import SampleOrder
+from .shard_format import manifest_url
 from .shard_index import ShardIndex, open_index
 from .shard_reader import FsspecReader, PosixReader
 
@@ -77,17 +78,22 @@ def resolve_device(name: str) -> torch.device:
 class ShardLoader:
     def __init__(self, cfg: LoaderConfig, rank: int = 0, world_size: int = 1):
         cfg.validate()
-        self.cfg = cfg
-        self.index: ShardIndex = open_index(cfg.manifest, strict=cfg.strict)
+        self.cfg, self.tuning = cfg, cfg.tuning
+        self.index: ShardIndex = open_index(cfg.manifest, strict=self.tuning.strict)
         dataset = self.index.manifest.dataset
-        if cfg.normalization and cfg.normalization not in MEAN_STD:
-            raise ValueError(f"loader: no mean/std for {cfg.normalization!r}; choose from {sorted(MEAN_STD)}")
-        self.mean, self.std = mean_std(cfg.normalization or dataset)
-        self.profile = profile_for(dataset, cfg.profile)
-        self.views = recipe_views(cfg.recipe, self.profile, (cfg.randaugment_n, cfg.randaugment_m))
+        for key in ("normalization", "profile"):
+            named = getattr(self.tuning, key)
+            if named and named not in DATASETS:
+                raise ValueError(f"loader: {key}={named!r} is not a dataset of the table; choose from {sorted(DATASETS)}")
+        stats = dataset_info(self.tuning.normalization or dataset)
+        self.mean, self.std = stats.mean, stats.std
+        self.info = dataset_info(self.tuning.profile or dataset)
+        self.image_size = cfg.image_size or dataset_info(dataset).image_size
+        self.views = view_specs(cfg.views, self.info, self.image_size,
+                                (self.tuning.randaugment_n, self.tuning.randaugment_m))
         self.order = SampleOrder(len(self.index), cfg.batch_size, rank, world_size, cfg.seed, cfg.shuffle)
-        self.device = resolve_device(cfg.device)
-        self.io = cfg.io if cfg.io != "auto" else ("posix" if self.index.local else "fsspec")
+        self.device = resolve_device(self.tuning.device)
+        self.io = self.tuning.io if self.tuning.io != "auto" else ("posix" if self.index.local else "fsspec")
         if self.io == "posix" and not self.index.local:
             raise ValueError(f"loader: io=posix needs local shards, {cfg.manifest} is not")
         self.rank, self.world_size = rank, world_size
@@ -157,8 +163,6 @@ class ShardLoader:
             self._bad_sample(int(rows[i]), int(status[i]))
         valid = valid & (status == OK)
         views = {name: self._to_torch(out[name]) for name in stream.names}
-        if self.cfg.recipe == "vae":
-            views["view"] = views["target"]
         return Batch(views=views, labels=out["labels"].to(self.device, torch.int64, non_blocking=True),
                      keys=[self.index.key(r) for r in rows], valid=torch.from_numpy(valid).to(self.device),
                      epoch=self.epoch, step=self.step)
@@ -168,7 +172,7 @@ class ShardLoader:
         structural check but do not decode (PIL tries each). Such samples are recorded, so that the restarted
         stream replaces them as corrupt; strict mode stops instead."""
         reader, c, found = self._reader(), self.index, set()
-        for ahead in range(self.cfg.prefetch + 2):
+        for ahead in range(self.tuning.prefetch + 2):
             rows, _ = self.order.batch(*self.order.locate(self.epoch, self.position, ahead))
             spans = reader.read(c.shard[rows], c.span_start[rows], c.span_end[rows])
             for row, span in zip(rows, spans):
@@ -178,7 +182,7 @@ class ShardLoader:
                 except CorruptImage:
                     found.add(int(row))
         found -= self._undecodable
-        if found and self.cfg.strict:
+        if found and self.tuning.strict:
             raise BadSampleError(f"{self.index.where(min(found))}: image does not decode (strict)")
         self._undecodable |= found
         return bool(found)
@@ -186,7 +190,7 @@ class ShardLoader:
     def _bad_sample(self, row: int, status: int) -> None:
         """Counted every time it comes up, logged the first time."""
         what = f"{self.index.where(row)}: {STATUS_TEXT[status]}"
-        if self.cfg.strict:
+        if self.tuning.strict:
             raise BadSampleError(f"{what} (strict)")
         self.stats[STATUS_TEXT[status]] += 1
         if row not in self._reported:
@@ -195,9 +199,9 @@ class ShardLoader:
 
     def _to_torch(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.device, non_blocking=True)
-        if self.cfg.dtype == "bfloat16":
+        if self.tuning.dtype == "bfloat16":
             x = x.to(torch.bfloat16)
-        return x.permute(0, 3, 1, 2) if self.cfg.channels_last else x
+        return x.permute(0, 3, 1, 2) if self.tuning.channels_last else x
 
     # -- the DALI pipeline ----------------------------------------------------------------------------------------
     def _reader(self):
@@ -209,11 +213,11 @@ class ShardLoader:
         from nvidia.dali import fn, pipeline_def, types
         from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
-        cfg, gpu = self.cfg, self.device.type == "cuda"
+        cfg, gpu = self.tuning, self.device.type == "cuda"
         source = BatchSource(self.order, self.epoch, self.position, self._reader(),
                              {k: getattr(self.index, k) for k in _COLUMNS}, len(self.index.manifest.classes),
                              frozenset(self._undecodable))
-        views, profile = self.views, self.profile
+        views, info, size = self.views, self.info, self.image_size
         out = Output(self.mean, self.std, cfg.channels_last, half=cfg.dtype == "float16")
 
         @pipeline_def(enable_conditionals=uses_conditionals(views))
@@ -223,7 +227,7 @@ class ShardLoader:
                 prefetch_queue_depth=cfg.prefetch, dtype=[types.UINT8, types.INT32, types.INT64, types.INT32],
                 ndim=[1, 0, 0, 0], bytes_per_sample_hint=int(self.index.image_size.max()) + 4096)
             images = fn.decoders.image(encoded, device="mixed" if gpu else "cpu", output_type=types.RGB)
-            outputs = [eval_view(images, profile, out) if spec is None else random_view(images, spec, out)
+            outputs = [eval_view(images, info, size, out) if spec is None else random_view(images, spec, out)
                        for spec in views.values()]
             return (*outputs, labels, rows, status)
 
@@ -233,7 +237,7 @@ class ShardLoader:
         seed = int(np.random.SeedSequence(entropy).generate_state(1)[0] >> 1)
         # DALI's auto_aug calls operators DALI has deprecated, and DALI forces their warnings on: record and drop them
         with warnings.catch_warnings(record=True):
-            pipe = graph(batch_size=cfg.batch_size, num_threads=cfg.num_threads,
+            pipe = graph(batch_size=self.cfg.batch_size, num_threads=cfg.num_threads,
                          device_id=self.device.index if gpu else None, seed=seed, py_num_workers=cfg.read_workers,
                          py_start_method=start_method, prefetch_queue_depth=cfg.prefetch)
             pipe.build()
@@ -244,3 +248,16 @@ class ShardLoader:
     def close(self) -> None:
         """Stops the DALI pipeline and its worker processes (a later iteration starts a new one where it left off)."""
         self._stream = None  # dropping the pipeline shuts it and its workers down
+
+
+EVAL_VIEWS = {"image": "center_crop"}  # one deterministic view: evaluation passes and feature banks
+
+
+def loader_for(data, role: str, views: dict[str, str], batch_size: int, rank: int, world_size: int, seed: int = 0,
+               shuffle: bool = True) -> ShardLoader:
+    """The loader of the split that `data.<role>_split` names, from a composed config's `data` node (its `loader`
+    node holds the tuning); what it makes, its per-rank batch, seed and order are the caller's."""
+    cfg = LoaderConfig(manifest=manifest_url(data.root, data.dataset, data[f"{role}_split"]), views=dict(views),
+                       batch_size=batch_size, seed=seed, shuffle=shuffle, image_size=data.image_size,
+                       tuning=LoaderTuning(**data.loader))
+    return ShardLoader(cfg, rank, world_size)

@@ -50,6 +50,11 @@ def manifest_name(dataset: str, split: str) -> str:
     return f"{dataset}-{split_slug(split)}.manifest.json"
 
 
+def manifest_url(root: str, dataset: str, split: str) -> str:
+    """Where a split's manifest is under the folder or fsspec URL `root`."""
+    return f"{root.rstrip('/')}/{manifest_name(dataset, split)}"
+
+
 def report_name(dataset: str, split: str) -> str:
     return f"{dataset}-{split_slug(split)}.report.jsonl"
 

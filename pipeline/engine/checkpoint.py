@@ -29,6 +29,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
+from pipeline.distributed import barrier, broadcast
 from pipeline.engine import rng
 from pipeline.engine.safe_load import safe_load
 
@@ -54,24 +55,11 @@ class Restored:
     same_world: bool  # False: the RNG states were not restored (the trainer reseeds)
 
 
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
 def complete_tags(checkpoints_dir: Path) -> list[str]:
     """The tags under `run_dir/checkpoints` whose save finished (COMPLETE.json written), oldest first."""
     if not checkpoints_dir.is_dir():
         return []
     return sorted(p.name for p in checkpoints_dir.iterdir() if _TAG.match(p.name) and (p / MARKER).is_file())
-
-
-def _broadcast(obj):
-    if not dist.is_initialized():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 class Checkpoints:
@@ -103,7 +91,7 @@ class Checkpoints:
                 tmp = path.with_suffix(".tmp")
                 tmp.write_text(json.dumps(self.fingerprint, indent=1, sort_keys=True))
                 tmp.replace(path)
-        error = _broadcast(error)
+        error = broadcast(error)
         if error:
             raise RunDirError(error)
 
@@ -143,7 +131,7 @@ class Checkpoints:
         torch.save(rng.capture(), folder / f"rng_rank{self.rank}.pt")
         if extras is not None:
             extras(folder)
-        _barrier()
+        barrier()
         if self.rank == 0:
             files = {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file() and p.name != MARKER}
             tmp = folder / (MARKER + ".tmp")
@@ -152,7 +140,7 @@ class Checkpoints:
             tmp.write_text(json.dumps(marker, indent=1))
             tmp.replace(folder / MARKER)
             self._prune(tag)
-        _barrier()
+        barrier()
         return folder
 
     def _prune(self, newest: str) -> None:
@@ -173,7 +161,7 @@ class Checkpoints:
                     chosen = {**json.loads((self.dir / tag / MARKER).read_text()), "tag": tag}
                     break
                 log.warning("checkpoint %s is unusable (%s); falling back to the previous one", self.dir / tag, problem)
-        return _broadcast(chosen)
+        return broadcast(chosen)
 
     def load_latest(self, engine) -> Restored | None:
         """Restore weights, optimizer, schedule and this rank's RNG from the newest usable checkpoint, if any."""

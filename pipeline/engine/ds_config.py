@@ -26,7 +26,7 @@ def _merge(base: dict, extra: dict) -> dict:
 
 
 def build_ds_config(cfg: DictConfig, micro_batch: int, world_size: int) -> dict:
-    """cfg: the `deepspeed` node (pipeline.engine.config_schema.DeepSpeedConfig)."""
+    """cfg: the `deepspeed` node (pipeline.config.schema.DeepSpeedConfig)."""
     stage, precision = cfg.zero_stage, cfg.precision
     if stage not in (0, 1, 2, 3):
         raise ValueError(f"deepspeed.zero_stage={stage}; choose 0, 1, 2 or 3")

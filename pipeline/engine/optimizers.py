@@ -30,7 +30,7 @@ def param_groups(model: nn.Module, weight_decay: float, exclude_bias_and_norm: b
 
 
 def build_optimizer(cfg: DictConfig, model: nn.Module) -> torch.optim.Optimizer:
-    """cfg: the `optimizer` node (pipeline.engine.config_schema.OptimizerConfig)."""
+    """cfg: the `optimizer` node (pipeline.config.schema.OptimizerConfig)."""
     if cfg.name not in OPTIMIZERS:
         raise ValueError(f"optimizer.name={cfg.name!r}; choose from {OPTIMIZERS}")
     groups = param_groups(model, cfg.weight_decay, cfg.exclude_bias_and_norm)

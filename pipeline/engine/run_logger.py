@@ -13,16 +13,22 @@ import math
 from pathlib import Path
 
 import numpy as np
+import torch
 from omegaconf import DictConfig, OmegaConf
 
-WANDB_MODES = ("offline", "online", "disabled")
+
+def image_grid(rows: list[torch.Tensor], mean, std) -> np.ndarray:
+    """Rows of normalised (n, 3, H, W) images, un-normalised with the loader's mean/std, as one HWC uint8 image:
+    row i holds the n images of rows[i] side by side."""
+    m = torch.tensor(mean).view(1, 3, 1, 1)
+    s = torch.tensor(std).view(1, 3, 1, 1)
+    pixels = [((r.detach().float().cpu() * s + m).clamp(0, 1) * 255).round().to(torch.uint8) for r in rows]
+    return torch.cat([torch.cat(list(p), dim=2) for p in pixels], dim=1).permute(1, 2, 0).numpy()
 
 
 class RunLogger:
     def __init__(self, cfg: DictConfig, run_dir: Path, is_main: bool, run_id: str | None, total_steps: int,
                  start_step: int):
-        if cfg.logger.wandb_mode not in WANDB_MODES:
-            raise ValueError(f"logger.wandb_mode={cfg.logger.wandb_mode!r}; choose from {WANDB_MODES}")
         self.is_main, self.run_dir = is_main, Path(run_dir)
         self.run_id, self.wandb, self.bar = run_id, None, None
         if not is_main:

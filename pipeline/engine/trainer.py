@@ -1,9 +1,10 @@
 """The training loop: one composed config in, a trained (and exported) encoder and a run directory out.
 
-Per micro-batch: views from the loader -> method forward -> one small all_reduce that tells every rank whether any
-rank saw a non-finite loss or received a stop signal -> backward -> engine.step (DeepSpeed applies the optimizer and
-the schedule at accumulation boundaries). Per optimizer step: metrics (averaged over ranks) every
-`log_every_steps`, AASAE/VAE reconstruction grids every `image_every_steps`, a checkpoint every `every_steps`.
+Per micro-batch: the method's views from the loader -> method forward -> one small all_reduce that tells every rank
+whether any rank saw a non-finite loss or received a stop signal -> backward -> engine.step (DeepSpeed applies the
+optimizer and the schedule at accumulation boundaries). Per optimizer step: metrics (averaged over ranks) every
+`log_every_steps`, the method's image grids (`visualize`) every `image_every_steps`, a checkpoint every
+`every_steps`. The trainer never names a method: the method says which views it needs and what it draws.
 Per epoch: the kNN monitor every `knn_every_epochs`. At the end: a last checkpoint, kNN, and the exported encoder.
 
 Resume: the newest usable checkpoint in run_dir restores weights, optimizer, schedule, RNG, the loader position and
@@ -24,24 +25,22 @@ import time
 import zlib
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.data.shard_format import read_manifest
-from pipeline.distributed import all_reduce_sum
+from pipeline.config.checks import check_launch, check_shards, check_values, data_roles
+from pipeline.data.loader import EVAL_VIEWS, loader_for
+from pipeline.distributed import all_reduce_sum, resolve
 from pipeline.engine import rng
 from pipeline.engine.checkpoint import Checkpoints
-from pipeline.engine.dist_env import resolve
-from pipeline.engine.engine import BatchGeometry, build_engine, init_distributed
+from pipeline.engine.deepspeed_engine import BatchGeometry, build_engine, init_distributed
 from pipeline.engine.export import encoder_state, save_encoder
-from pipeline.engine.feature_pass import features
-from pipeline.engine.loaders import build_loader
-from pipeline.engine.model import build_model
-from pipeline.engine.run_logger import RunLogger
+from pipeline.engine.run_logger import RunLogger, image_grid
 from pipeline.engine.stop_signals import StopSignals
-from pipeline.monitors import KNNMonitor
+from pipeline.evaluation.features import features
+from pipeline.evaluation.knn import KNNMonitor
+from pipeline.methods import METHODS, method_for
 
 log = logging.getLogger(__name__)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -65,25 +64,6 @@ def _mean_over_ranks(values: dict[str, torch.Tensor], world: int) -> dict[str, f
     return dict(zip(keys, (all_reduce_sum(stacked) / world).tolist()))
 
 
-def _to_uint8(x: torch.Tensor, mean, std) -> torch.Tensor:
-    m = torch.tensor(mean, device=x.device).view(1, 3, 1, 1)
-    s = torch.tensor(std, device=x.device).view(1, 3, 1, 1)
-    return ((x.float() * s + m).clamp(0, 1) * 255).round().to(torch.uint8)
-
-
-@torch.no_grad()
-def reconstruction_grid(method, views: dict[str, torch.Tensor], mean, std, n: int = 8) -> np.ndarray:
-    """Rows: original (target), encoder input (view), reconstruction D(mu). Collective under ZeRO 3."""
-    was_training = method.training
-    method.eval()
-    view, target = views["view"][:n], views["target"][:n]
-    mu, _ = method.projection(method.encoder(view))
-    recon = method.decoder(mu)
-    method.train(was_training)
-    rows = [torch.cat(list(_to_uint8(t, mean, std)), dim=2) for t in (target, view, recon)]  # (3, H, n*W) each
-    return torch.cat(rows, dim=1).permute(1, 2, 0).cpu().numpy()
-
-
 def _memory() -> dict[str, float]:
     out = {"memory/cpu_max_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
     if torch.cuda.is_available():
@@ -95,10 +75,11 @@ class Trainer:
     def __init__(self, cfg: DictConfig):
         self.cfg = cfg
         self.env = resolve()
+        check_values(cfg)  # the entry point checked already; a config built in code is checked here
+        check_launch(cfg, self.env.world_size)
+        check_shards(cfg.data, data_roles(cfg))
         self.device = init_distributed(self.env)
         self.rank, self.world = self.env.rank, self.env.world_size
-        if cfg.deepspeed.precision not in DTYPES:
-            raise ValueError(f"deepspeed.precision={cfg.deepspeed.precision!r}; choose from {sorted(DTYPES)}")
         self.dtype = DTYPES[cfg.deepspeed.precision]
         self.run_dir = Path(cfg.run_dir)
         self.checkpoints = Checkpoints(self.run_dir, fingerprint(cfg), cfg.checkpoint.keep_last)
@@ -106,15 +87,15 @@ class Trainer:
         self.geometry = BatchGeometry(cfg.data.batch_size, self.world, cfg.deepspeed.grad_accum_steps).check()
         self.ga = cfg.deepspeed.grad_accum_steps
 
-        self.loader = build_loader(cfg.data, cfg.data.train_manifest, cfg.method.recipe, self.geometry.micro_batch,
-                                   self.rank, self.world, seed=cfg.seed, shuffle=True)
+        self.loader = loader_for(cfg.data, "train", METHODS[cfg.method.name].views, self.geometry.micro_batch,
+                                 self.rank, self.world, seed=cfg.seed, shuffle=True)
         self.num_classes = len(self.loader.index.manifest.classes) if cfg.monitor.online_probe else 0
         micro_per_epoch = self.loader.steps_per_epoch
         self.total_steps = cfg.max_steps or max(1, math.floor(cfg.epochs * micro_per_epoch / self.ga))
         warmup = min(self.total_steps, round(cfg.schedule.warmup_epochs * micro_per_epoch / self.ga))
 
         rng.seed_all(cfg.seed)  # identical initial weights on every rank
-        self.method = build_model(cfg, self.num_classes)
+        self.method = method_for(cfg, self.num_classes)
         self.engine, self.optimizer, self.schedule = build_engine(cfg, self.method, self.geometry,
                                                                   self.total_steps, warmup, self.device)
         self.method = self.engine.module
@@ -165,11 +146,10 @@ class Trainer:
     # -- monitors -------------------------------------------------------------------------------------------------
     def knn(self) -> float | None:
         data, mon = self.cfg.data, self.cfg.monitor
-        classes = len(read_manifest(data.bank_manifest).classes)
-        monitor = KNNMonitor(classes, k=mon.knn_k, temperature=mon.knn_temperature)
-        for manifest, add in ((data.bank_manifest, monitor.add_bank), (data.test_manifest, monitor.add_queries)):
-            loader = build_loader(data, manifest, "eval", self.geometry.micro_batch, self.rank, self.world,
-                                  shuffle=False)
+        bank, test = (loader_for(data, role, EVAL_VIEWS, self.geometry.micro_batch, self.rank, self.world,
+                                 shuffle=False) for role in ("bank", "test"))
+        monitor = KNNMonitor(len(bank.index.manifest.classes), k=mon.knn_k, temperature=mon.knn_temperature)
+        for loader, add in ((bank, monitor.add_bank), (test, monitor.add_queries)):
             add(*features(self.method.encoder, loader, self.dtype))
             loader.close()
         return monitor.compute()
@@ -264,9 +244,10 @@ class Trainer:
             })
             self.logger.log(self.step, metrics)
             window.update(data=0.0, steps=0, since=now)
-        if cfg.logger.image_every_steps and "target" in views and self.step % cfg.logger.image_every_steps == 0:
-            grid = reconstruction_grid(self.method, views, self.loader.mean, self.loader.std)
-            self.logger.log_images(self.step, "reconstructions", grid, "rows: original, encoder input, D(mu)")
+        if cfg.logger.image_every_steps and self.step % cfg.logger.image_every_steps == 0:
+            for name, rows in self.method.visualize(views).items():
+                grid = image_grid(list(rows.values()), self.loader.mean, self.loader.std)
+                self.logger.log_images(self.step, name, grid, f"rows: {', '.join(rows)}")
         every = cfg.checkpoint.every_steps
         if every and self.step % every == 0 and self.step < self.total_steps:
             self.save()

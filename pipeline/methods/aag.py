@@ -9,44 +9,53 @@ SimCLR: views u, v, NT-Xent, tau = 0.5 (CIFAR), 2-layer MLP head.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from pipeline.distributed import gather_with_grad
 from pipeline.losses import LOSSES
-from pipeline.methods.base import Method, register_method
+from pipeline.config.fields import at_least, greater_than
+from pipeline.methods.base import Method, MethodConfig
 from pipeline.models.heads import ProjectionHead
 
 # The online probe sees the standard views only (never AAG's heavily augmented auxiliary view).
 PROBED_VIEWS = 2
 
 
-@register_method("aag")
+@dataclass
+class AAGConfig(MethodConfig):
+    name: str = "aag"
+    proj_dim: int = at_least(1, 128)
+    proj_hidden_dim: int = at_least(0, 0)  # 0: linear head
+    temperature: float = greater_than(0, 0.1)
+
+
+@dataclass
+class SimCLRConfig(AAGConfig):
+    name: str = "simclr"
+    proj_hidden_dim: int = at_least(0, 2048)
+    temperature: float = greater_than(0, 0.5)
+
+
 class AAG(Method):
     """Three views (u, v standard, w auxiliary), GNT-Xent; the head is linear unless proj_hidden_dim > 0."""
 
-    views = ("u", "v", "w")
+    views = {"u": "crop_jitter", "v": "crop_jitter", "w": "randaugment"}
+    config = AAGConfig
     loss_name = "gnt_xent"
 
-    def __init__(
-        self,
-        backbone: str = "resnet18",
-        stem: str = "cifar",
-        proj_dim: int = 128,
-        proj_hidden_dim: int = 0,
-        temperature: float = 0.1,
-        width: int = 1,
-        zero_init_residual: bool = False,
-        num_classes: int = 0,
-    ):
-        super().__init__(backbone, stem, width, zero_init_residual, num_classes)
+    def __init__(self, proj_dim: int = 128, proj_hidden_dim: int = 0, temperature: float = 0.1, **common):
+        super().__init__(**common)
         self.temperature = temperature
         self.projection = ProjectionHead(self.encoder.out_dim, proj_dim, proj_hidden_dim)
 
     def ssl_forward(self, views: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor], Tensor]:
-        n_views, n = len(self.views), views[self.views[0]].shape[0]
-        features = self.encoder(torch.cat([views[k] for k in self.views]))
+        names = list(self.views)
+        n_views, n = len(names), views[names[0]].shape[0]
+        features = self.encoder(torch.cat([views[k] for k in names]))
         z = self.projection(features)
         # One collective for all views: (W*V*n, d) in rank-major order -> V tensors of (W*n, d).
         gathered = gather_with_grad(z)
@@ -56,12 +65,16 @@ class AAG(Method):
         metrics = {"pos_sim": (z_u * z_v).sum(1).mean()}
         return loss, metrics, features[: PROBED_VIEWS * n]
 
+    def visualize(self, views: dict[str, Tensor], n: int = 8) -> dict[str, dict[str, Tensor]]:
+        """The augmented views of the first n images, one row per view."""
+        return {"views": {name: views[name][:n] for name in self.views}}
 
-@register_method("simclr")
+
 class SimCLR(AAG):
     """AAG without the auxiliary view and with NT-Xent: two views, MLP head, tau = 0.5 by default."""
 
-    views = ("u", "v")
+    views = {"u": "contrastive", "v": "contrastive"}
+    config = SimCLRConfig
     loss_name = "nt_xent"
 
     def __init__(self, proj_hidden_dim: int = 2048, temperature: float = 0.5, **kwargs):

@@ -7,52 +7,62 @@ from z ~ q(z|x~):
     L = mean_batch[ beta * KL(q(z|x~) || N(0, I)) - sum_pixels log N(x; D(z), sigma^2) ]
 
 AASAE: beta = 0, sigma = 1 (the augmentations replace the KL term as the regulariser). VAE: the same module with
-beta > 0, and the loader gives the unaugmented image as the view (views["view"] is views["target"]).
+beta > 0, and the unaugmented image (the target) as the encoder's input.
 eps comes from torch's global generator, so seeding makes a training step reproducible.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
+from pipeline.config.fields import at_least, greater_than
 from pipeline.losses import gaussian_nll, kl_to_standard_normal
-from pipeline.methods.base import Method, register_method
+from pipeline.methods.base import Method, MethodConfig
 from pipeline.models.decoder import ResNetDecoder
 from pipeline.models.heads import GaussianHead
 
 STD_FLOOR = 1e-6
 
 
-@register_method("aasae")
+@dataclass
+class AASAEConfig(MethodConfig):
+    name: str = "aasae"
+    latent_dim: int = at_least(1, 128)
+    hidden_dim: int = at_least(1, 2048)
+    kl_weight: float = at_least(0.0, 0.0)  # beta
+    sigma: float = greater_than(0, 1.0)  # likelihood scale
+
+
+@dataclass
+class VAEConfig(AASAEConfig):
+    name: str = "vae"
+    kl_weight: float = greater_than(0, 1.0)
+
+
 class AASAE(Method):
-    """Encoder on views["view"], decoder reconstructing views["target"]; beta = kl_weight, sigma = likelihood scale."""
+    """Encoder on the augmented views["view"], decoder reconstructing views["target"] (the centre crop); beta =
+    kl_weight, sigma = likelihood scale. The decoder is built for the data's image_size."""
 
-    views = ("view", "target")
+    views = {"view": "contrastive", "target": "center_crop"}
+    config = AASAEConfig
+    encoder_view = "view"  # which view the encoder sees
 
-    def __init__(
-        self,
-        backbone: str = "resnet18",
-        stem: str = "cifar",
-        image_size: int = 32,
-        latent_dim: int = 128,
-        hidden_dim: int = 2048,
-        kl_weight: float = 0.0,
-        sigma: float = 1.0,
-        width: int = 1,
-        zero_init_residual: bool = False,
-        num_classes: int = 0,
-    ):
-        super().__init__(backbone, stem, width, zero_init_residual, num_classes)
+    def __init__(self, latent_dim: int = 128, hidden_dim: int = 2048, kl_weight: float = 0.0, sigma: float = 1.0,
+                 **common):
+        super().__init__(**common)
         if kl_weight < 0 or sigma <= 0:
             raise ValueError(f"need kl_weight >= 0 and sigma > 0, got {kl_weight}, {sigma}")
         self.kl_weight, self.sigma = kl_weight, sigma
         self.projection = GaussianHead(self.encoder.out_dim, hidden_dim, latent_dim)
-        self.decoder = ResNetDecoder(backbone, stem, image_size, latent_dim, hidden_dim, width)
+        self.decoder = ResNetDecoder(self.encoder.arch, self.encoder.stem, self.image_size, latent_dim, hidden_dim,
+                                     self.encoder.width)
 
     def ssl_forward(self, views: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor], Tensor]:
         target = views["target"]
-        features = self.encoder(views["view"])
+        features = self.encoder(views[self.encoder_view])
         mu, logvar = self.projection(features)
         std = torch.exp(logvar / 2) + STD_FLOOR
         z = mu + std * torch.randn_like(mu) if self.training else mu
@@ -67,10 +77,26 @@ class AASAE(Method):
         }
         return loss, metrics, features
 
+    @torch.no_grad()
+    def visualize(self, views: dict[str, Tensor], n: int = 8) -> dict[str, dict[str, Tensor]]:
+        """Original (target), encoder input and reconstruction D(mu) of the first n images. Eval mode: z = mu."""
+        was_training = self.training
+        self.eval()
+        view = views[self.encoder_view][:n]
+        mu, _ = self.projection(self.encoder(view))
+        reconstruction = self.decoder(mu)
+        self.train(was_training)
+        return {"reconstructions": {"original": views["target"][:n], "encoder input": view,
+                                    "reconstruction": reconstruction}}
 
-@register_method("vae")
+
 class VAE(AASAE):
-    """The VAE baseline: AASAE with the KL term switched on (beta = 1 unless configured); feed view = target."""
+    """The VAE baseline: AASAE with the KL term switched on (beta = 1 unless configured) and the unaugmented image
+    as the encoder's input."""
+
+    views = {"target": "center_crop"}
+    config = VAEConfig
+    encoder_view = "target"
 
     def __init__(self, kl_weight: float = 1.0, **kwargs):
         if kl_weight <= 0:

@@ -9,7 +9,8 @@ exactly. The encoder shrinks the input by F = 8 * (stem factor: CIFAR 1, STL-10 
 first resized (nearest) to image_size / F, i.e. to the size of the encoder's last feature map: 32 px CIFAR -> 4 (no
 resize), 96 px STL-10 -> 6, 224 px ImageNet -> 7, 64 px CIFAR stem -> 8. Stages 1-3 then upsample by 2 (mirroring
 encoder stages 4-2), stage 4 keeps the size (mirroring stage 1), and a last nearest upsampling by the stem factor
-mirrors the stem. Any image_size divisible by F works; others raise ValueError.
+mirrors the stem. An image_size not divisible by F (48 px with the ImageNet stem: F = 32) starts from the next larger
+feature map, ceil(image_size / F), and the output is resized (bilinear) to image_size at the end.
 
 No BatchNorm: the decoder's output is a per-pixel mean, and batch statistics would couple the reconstructions of
 different images; the convolutions carry biases instead.
@@ -97,11 +98,11 @@ class ResNetDecoder(nn.Module):
         block = _DECODER_BLOCKS[encoder_block.expansion]
         stem_factor = STEM_DOWNSAMPLE[stem]
         factor = 8 * stem_factor
-        if image_size % factor:
-            raise ValueError(f"image_size {image_size} must be divisible by {factor} for the {stem!r} stem")
+        if image_size < 1:
+            raise ValueError(f"image_size must be >= 1, not {image_size}")
         self.image_size = image_size
         self.seed_channels = seed_channels
-        self.feature_size = image_size // factor
+        self.feature_size = -(-image_size // factor)
 
         self.mlp = nn.Sequential(
             nn.Linear(latent_dim, hidden_dim),
@@ -131,5 +132,7 @@ class ResNetDecoder(nn.Module):
         x = self.mlp(z).reshape(z.shape[0], self.seed_channels, SEED_SIZE, SEED_SIZE)
         if self.feature_size != SEED_SIZE:
             x = F.interpolate(x, size=(self.feature_size, self.feature_size), mode="nearest")
-        x = self.stages(self.conv_in(x))
-        return self.conv_out(self.stem_upsample(x))
+        x = self.conv_out(self.stem_upsample(self.stages(self.conv_in(x))))
+        if x.shape[-1] != self.image_size:
+            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
+        return x

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..datasets import DATASETS
 from .base import Record, Source, SourceLayoutError
 from .cifar import Cifar10, Cifar100
 from .digits import Digits
@@ -10,24 +11,16 @@ from .imagenet import ImageNet
 from .stl10 import Stl10
 from .svhn import Svhn
 
-SPLITS = {
-    "imagenet": ImageNet.SPLITS,
-    "stl10": Stl10.SPLITS,
-    "cifar10": Cifar10.SPLITS,
-    "cifar100": Cifar100.SPLITS,
-    "svhn": Svhn.SPLITS,
-    "digits": Digits.SPLITS,
-    "folder": ("train", "val", "test"),
-}
-# What a conversion without --split writes: every split, except that an image folder is one split (train) and
-# STL-10's combined train+unlabeled pretraining split is asked for by name only.
-DEFAULT_SPLITS = {**SPLITS, "folder": ("train",), "stl10": ("train", "test", "unlabeled")}
+SOURCES = ("imagenet", "stl10", "cifar10", "cifar100", "svhn", "digits", "folder")  # the formats make_shards reads
 
 
 def build_source(dataset: str, root: str | None, split: str, **options) -> Source:
     """The source for one split. Options: imagenet devkit/val_csv, stl10 fold, cifar100 labels, folder name."""
-    if dataset not in SPLITS:
-        raise ValueError(f"unknown dataset {dataset!r}; choose from {sorted(SPLITS)}")
+    if dataset not in SOURCES:
+        raise ValueError(f"unknown dataset {dataset!r}; choose from {sorted(SOURCES)}")
+    splits = DATASETS[dataset].splits
+    if split not in splits:
+        raise ValueError(f"{dataset} has splits {splits}, not {split!r}")
     if dataset != "digits" and not root:
         raise ValueError(f"{dataset} needs --src: the folder (or file) holding the dataset")
     if dataset == "imagenet":
@@ -45,4 +38,4 @@ def build_source(dataset: str, root: str | None, split: str, **options) -> Sourc
     return ImageFolder(root, split, name=options.get("name") or "folder")
 
 
-__all__ = ["DEFAULT_SPLITS", "Record", "Source", "SourceLayoutError", "SPLITS", "build_source"]
+__all__ = ["Record", "SOURCES", "Source", "SourceLayoutError", "build_source"]

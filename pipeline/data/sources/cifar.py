@@ -27,12 +27,9 @@ def _images(batch: dict, path: str) -> np.ndarray:
 
 class Cifar10(ArraySource):
     dataset = "cifar10"
-    SPLITS = ("train", "test")
 
     def __init__(self, root: str, split: str):
         super().__init__()
-        if split not in self.SPLITS:
-            raise ValueError(f"CIFAR-10 has splits {self.SPLITS}, not {split!r}")
         self.split = split
         self.folder = dataset_folder(root, "cifar-10-batches-py", _LAYOUT10)
         files = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
@@ -51,12 +48,9 @@ class Cifar10(ArraySource):
 
 class Cifar100(ArraySource):
     dataset = "cifar100"
-    SPLITS = ("train", "test")
 
     def __init__(self, root: str, split: str, labels: str = "fine"):
         super().__init__()
-        if split not in self.SPLITS:
-            raise ValueError(f"CIFAR-100 has splits {self.SPLITS}, not {split!r}")
         if labels not in ("fine", "coarse"):
             raise ValueError(f"CIFAR-100 labels are 'fine' or 'coarse', not {labels!r}")
         self.split, self.label_kind = split, labels

@@ -1,35 +1,17 @@
-"""Online monitors: cheap signals of representation quality while the encoder trains.
+"""Weighted k-nearest-neighbour classification of frozen features, the InstDisc/SimCLR protocol: cosine similarities,
+the K = 200 nearest bank entries each vote for their class with weight exp(sim / tau), tau = 0.1.
 
-- OnlineLinearProbe: a linear classifier on DETACHED pooled features, optimised alongside the method (its loss is
-  added to the method's, but no gradient reaches the encoder), as in solo-learn.
-- KNNMonitor: weighted k-nearest-neighbour top-1 accuracy of a labelled query set against a labelled feature bank,
-  the InstDisc / SimCLR protocol: cosine similarities, the K = 200 nearest neighbours each vote for their class with
-  weight exp(sim / tau), tau = 0.1.
+`knn` evaluates a finished encoder; `KNNMonitor` is the same protocol as a cheap signal while the encoder trains.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from pipeline.distributed import all_reduce_sum, gather_variable
-
-
-class OnlineLinearProbe(nn.Module):
-    """Linear classifier trained on detached features. Label -1 (unlabelled, the shard format's UNLABELED) is ignored."""
-
-    def __init__(self, in_dim: int, num_classes: int):
-        super().__init__()
-        self.fc = nn.Linear(in_dim, num_classes)
-
-    def forward(self, features: Tensor, labels: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        logits = self.fc(features.detach())
-        labelled = labels >= 0
-        count = labelled.sum().clamp(min=1)  # an all-unlabelled batch gives loss 0, not NaN, and no host sync
-        loss = F.cross_entropy(logits, labels, ignore_index=-1, reduction="sum") / count
-        correct = ((logits.argmax(1) == labels) & labelled).sum()
-        return loss, {"online_loss": loss.detach(), "online_acc1": (correct / count).detach()}
+from pipeline.evaluation.accuracy import topk_accuracy
 
 
 @torch.no_grad()
@@ -54,6 +36,13 @@ def knn_scores(
         votes = torch.zeros(chunk.shape[0], num_classes, dtype=weights.dtype, device=weights.device)
         scores.append(votes.scatter_add_(1, bank_labels[idx], weights))
     return torch.cat(scores)
+
+
+def knn(train: tuple[Tensor, Tensor], test: tuple[Tensor, Tensor], num_classes: int, k: int = 200,
+        temperature: float = 0.1) -> dict[str, float]:
+    """Top-1 and top-5 accuracy of the test features against the training features as the bank."""
+    scores = knn_scores(test[0], train[0], train[1], num_classes, k=k, temperature=temperature)
+    return topk_accuracy(scores, test[1])
 
 
 class KNNMonitor:

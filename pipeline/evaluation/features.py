@@ -1,6 +1,6 @@
 """Encoder features of a whole labelled split, each rank a share: for the kNN monitor and for evaluation.
 
-The split is read in manifest order with the deterministic eval transform (loader recipe "eval"); the epoch's last
+The split is read in manifest order with the deterministic eval transform (the loader's center_crop augmentation); the epoch's last
 global batch is padded by the loader, and the padding (valid = False) is dropped here, so every sample counts once.
 """
 

@@ -20,14 +20,11 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
 
-from pipeline.engine import config_schema
+from pipeline.config import schema
+from pipeline.config.checks import ConfigError, check_launch, check_shards, check_values, data_roles
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "configs")
 VERSION_BASE = "1.3"
-
-
-class ConfigError(ValueError):
-    """A config that does not compose, with the reason in terms of config keys."""
 
 
 def _unknown_key(full_key: str, schema: type) -> str:
@@ -67,17 +64,19 @@ def check_keys(cfg: DictConfig, path: str = "") -> None:
 
 
 def load(config_name: str = "train", overrides: list[str] | tuple[str, ...] = (), resolve: bool = True) -> DictConfig:
-    """Compose configs/<config_name>.yaml with Hydra's override syntax, as the entry points would; raises ConfigError
-    naming the bad key and the valid ones."""
-    config_schema.register()
+    """Compose configs/<config_name>.yaml with Hydra's override syntax, as the entry points would, and check its
+    values; raises ConfigError naming the bad key and what is allowed."""
+    schema.register()
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=CONFIG_DIR, version_base=VERSION_BASE):
             cfg = compose(config_name=config_name, overrides=list(overrides))
         check_keys(cfg)
+        missing = sorted(OmegaConf.missing_keys(cfg))
+        if not missing:
+            check_values(cfg)
         if resolve:
             OmegaConf.resolve(cfg)
-        missing = sorted(OmegaConf.missing_keys(cfg))
     except ConfigError:
         raise
     except Exception as err:  # Hydra wraps OmegaConf errors in several exception types
@@ -94,8 +93,8 @@ _FLAGS_WITH_VALUE = {"--config-name", "-cn", "--config-path", "-cp", "--config-d
 
 
 def precheck_cli(config_name: str, argv: list[str]) -> str | None:
-    """For a single run's command line: the reason its overrides do not compose, or None. Multirun sweeps are left
-    to Hydra (their comma lists are not single values)."""
+    """For a single run's command line: the reason its overrides do not compose or its run cannot start (values,
+    world size, shards), or None. Multirun sweeps are left to Hydra (their comma lists are not single values)."""
     if "-m" in argv or "--multirun" in argv or any(a in ("--help", "-h", "--hydra-help") for a in argv):
         return None
     overrides, flag = [], None
@@ -110,11 +109,27 @@ def precheck_cli(config_name: str, argv: list[str]) -> str | None:
         elif not arg.startswith("-"):
             overrides.append(arg)
     try:
-        load(config_name, [o for o in overrides if not o.startswith(("hydra.", "hydra/", "+hydra", "~hydra"))],
-             resolve=False)
+        cfg = load(config_name, [o for o in overrides if not o.startswith(("hydra.", "hydra/", "+hydra", "~hydra"))])
+        check_run(config_name, cfg)
     except ConfigError as err:
         return str(err)
     return None
+
+
+def check_run(config_name: str, cfg: DictConfig) -> None:
+    """What a run of the entry point `config_name` needs beyond a valid config: its shards, and for training a
+    global batch that this launch's world size divides."""
+    if config_name == "train":
+        from pipeline.distributed import DistEnvError, resolve
+
+        try:
+            world_size = resolve().world_size
+        except DistEnvError as err:
+            raise ConfigError(f"launch environment: {err}") from None
+        check_launch(cfg, world_size)
+        check_shards(cfg.data, data_roles(cfg))
+    elif config_name == "evaluate":
+        check_shards(cfg.data, ("bank", "test"))
 
 
 def exit_with(code: int) -> NoReturn:

@@ -1,6 +1,6 @@
 """Process group and DeepSpeed engine construction: the order of the steps is what matters here.
 
-1. The distributed environment is resolved once (dist_env) and handed to deepspeed.init_distributed: gloo on the
+1. The distributed environment is resolved once (pipeline.distributed) and handed to deepspeed.init_distributed: gloo on the
    CPU, NCCL on CUDA.
 2. BatchNorm becomes SyncBatchNorm BEFORE deepspeed.initialize, which flattens and partitions the parameters of
    the modules it is given: converting afterwards would create parameters DeepSpeed does not manage.
@@ -17,7 +17,7 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from pipeline.engine.dist_env import DistEnv, export
+from pipeline.distributed import DistEnv, export
 from pipeline.engine.ds_config import build_ds_config
 from pipeline.engine.lars import LARS
 from pipeline.engine.optimizers import build_optimizer

@@ -1,29 +1,35 @@
-"""The augmentation recipes (DESIGN.md §4) as DALI graphs: which views a batch holds, and how each is made.
+"""The augmentations as DALI graphs: each view of a batch is made by one named augmentation.
 
-Everything after the decoder runs in DALI, on the GPU when the images were decoded there ("mixed"); the random
-parameters are drawn per sample by DALI's random operators. The colour jitter's probability is folded into its factors
-(1 where not drawn); the blur runs on the drawn samples only (DALI's conditional execution).
+A method declares its views as {view name: augmentation name} (pipeline/methods); the loader builds one DALI graph
+that makes every view from the same decoded image. Everything after the decoder runs in DALI, on the GPU when the
+images were decoded there ("mixed"); the random parameters are drawn per sample by DALI's random operators. The
+colour jitter's probability is folded into its factors (1 where not drawn); the blur runs on the drawn samples only
+(DALI's conditional execution). Strengths that differ per dataset come from the dataset table (datasets.py); every
+view has the side `size` (data.image_size).
 
-Views (torchvision semantics for the parameters):
-- simclr (AASAE's encoder input, SimCLR's views): random resized crop (area 0.08-1, ratio 3/4-4/3), flip 0.5,
-  colour jitter (0.8s, 0.8s, 0.8s, 0.2s) with p = 0.8, grayscale p = 0.2, Gaussian blur p = 0.5 (sigma 0.1-2, window
-  10% of the side) where the profile blurs. CIFAR: s = 0.5, no blur; STL-10 and ImageNet: s = 1, blur.
-- aag standard: random resized crop (0.2-1), colour jitter (0.4, 0.4, 0.4, 0.4) always, grayscale 0.2, flip; no blur.
-- aag auxiliary: random resized crop (0.2-1), flip, RandAugment(n, m) with translations bounded to 30% of the side
-  at the top magnitude (10% at m = 10) and grey (128) fill, so content stays inside the image and no view turns black.
-- eval: resize the shorter side to `resize`, centre crop `size` (CIFAR 32/32, STL-10 105/96, ImageNet 256/224); the
-  AASAE target is this transform.
-- linear (linear-probe training): random resized crop (0.08-1) and flip.
+Augmentations (torchvision semantics for the parameters; docs/methods.md says which method uses which):
+- contrastive: random resized crop (area 0.08-1, ratio 3/4-4/3), flip 0.5, colour jitter (0.8s, 0.8s, 0.8s, 0.2s)
+  with p = 0.8, grayscale p = 0.2, Gaussian blur p = 0.5 (sigma 0.1-2, window 10% of the side) where the dataset
+  blurs. Small images: s = 0.5, no blur; STL-10 and ImageNet: s = 1, blur.
+- crop_jitter: random resized crop (0.2-1), colour jitter (0.4, 0.4, 0.4, 0.4) always, grayscale 0.2, flip; no blur.
+- randaugment: random resized crop (0.2-1), flip, RandAugment(n, m) with translations bounded to 30% of the side at
+  the top magnitude (10% at m = 10) and grey (128) fill, so content stays inside the image and no view turns black.
+- center_crop: resize the shorter side to size / eval_crop_fraction, centre crop `size` (CIFAR 32/32, STL-10 105/96,
+  ImageNet 256/224): deterministic, the evaluation transform and a reconstruction target.
+- crop_flip: random resized crop (0.08-1) and flip (linear-probe training).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 from nvidia.dali import fn, types
 from nvidia.dali import math as dmath
 from nvidia.dali.auto_aug import rand_augment
+
+from .datasets import DatasetInfo
 
 RANDAUGMENT_MAX_TRANSLATE = 0.3  # of the side, at magnitude bin 30 of 31
 RANDAUGMENT_FILL = 128
@@ -32,33 +38,8 @@ BLUR_MAX_TAPS = 13
 
 
 @dataclass(frozen=True)
-class Profile:
-    size: int  # output side of every view
-    resize: int  # eval transform: shorter side resized to this before the centre crop
-    jitter_strength: float  # s of the SimCLR colour jitter
-    blur: bool  # whether the SimCLR view blurs
-
-
-PROFILES = {
-    "cifar": Profile(size=32, resize=32, jitter_strength=0.5, blur=False),
-    "stl10": Profile(size=96, resize=105, jitter_strength=1.0, blur=True),
-    "imagenet": Profile(size=224, resize=256, jitter_strength=1.0, blur=True),
-}
-DATASET_PROFILES = {"cifar10": "cifar", "cifar100": "cifar", "svhn": "cifar", "digits": "cifar", "stl10": "stl10",
-                    "imagenet": "imagenet"}
-
-
-def profile_for(dataset: str, name: str = "") -> Profile:
-    """The named profile, or the dataset's (an image folder of unknown kind gets ImageNet's)."""
-    name = name or DATASET_PROFILES.get(dataset, "imagenet")
-    if name not in PROFILES:
-        raise ValueError(f"unknown augmentation profile {name!r}; choose from {sorted(PROFILES)}")
-    return PROFILES[name]
-
-
-@dataclass(frozen=True)
 class ViewSpec:
-    """A random view. `None` in a recipe stands for the deterministic eval transform instead."""
+    """A random view. `None` in place of a spec stands for the deterministic center_crop transform instead."""
 
     size: int
     scale: tuple[float, float]
@@ -71,35 +52,44 @@ class ViewSpec:
     randaugment: tuple[int, int] | None = None  # (n ops, magnitude bin of 31)
 
 
-def simclr_view(p: Profile) -> ViewSpec:
-    s = p.jitter_strength
-    return ViewSpec(p.size, (0.08, 1.0), jitter=(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s), jitter_p=0.8, gray_p=0.2,
-                    blur_p=0.5 if p.blur else 0.0)
+def contrastive(info: DatasetInfo, size: int, randaugment: tuple[int, int]) -> ViewSpec:
+    s = info.jitter_strength
+    return ViewSpec(size, (0.08, 1.0), jitter=(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s), jitter_p=0.8, gray_p=0.2,
+                    blur_p=0.5 if info.blur else 0.0)
 
 
-def aag_standard_view(p: Profile) -> ViewSpec:
-    return ViewSpec(p.size, (0.2, 1.0), jitter=(0.4, 0.4, 0.4, 0.4), jitter_p=1.0, gray_p=0.2)
+def crop_jitter(info: DatasetInfo, size: int, randaugment: tuple[int, int]) -> ViewSpec:
+    return ViewSpec(size, (0.2, 1.0), jitter=(0.4, 0.4, 0.4, 0.4), jitter_p=1.0, gray_p=0.2)
 
 
-def aag_auxiliary_view(p: Profile, n: int, m: int) -> ViewSpec:
-    return ViewSpec(p.size, (0.2, 1.0), randaugment=(n, m))
+def randaugment_view(info: DatasetInfo, size: int, randaugment: tuple[int, int]) -> ViewSpec:
+    return ViewSpec(size, (0.2, 1.0), randaugment=randaugment)
 
 
-def recipe_views(recipe: str, p: Profile, randaugment: tuple[int, int] = (2, 10)) -> dict[str, ViewSpec | None]:
-    """View name -> how it is made, for each recipe; the names are what pipeline/methods expect."""
-    if recipe == "aasae":
-        return {"view": simclr_view(p), "target": None}
-    if recipe == "vae":  # the loader hands the same tensor as "view" too
-        return {"target": None}
-    if recipe == "aag":
-        return {"u": aag_standard_view(p), "v": aag_standard_view(p), "w": aag_auxiliary_view(p, *randaugment)}
-    if recipe == "simclr":
-        return {"u": simclr_view(p), "v": simclr_view(p)}
-    if recipe == "eval":
-        return {"image": None}
-    if recipe == "linear":
-        return {"image": ViewSpec(p.size, (0.08, 1.0))}
-    raise ValueError(f"unknown recipe {recipe!r}")
+def crop_flip(info: DatasetInfo, size: int, randaugment: tuple[int, int]) -> ViewSpec:
+    return ViewSpec(size, (0.08, 1.0))
+
+
+def center_crop(info: DatasetInfo, size: int, randaugment: tuple[int, int]) -> None:
+    return None
+
+
+AUGMENTATIONS: dict[str, Callable[[DatasetInfo, int, tuple[int, int]], ViewSpec | None]] = {
+    "contrastive": contrastive,
+    "crop_jitter": crop_jitter,
+    "randaugment": randaugment_view,
+    "crop_flip": crop_flip,
+    "center_crop": center_crop,
+}
+
+
+def view_specs(views: dict[str, str], info: DatasetInfo, size: int,
+               randaugment: tuple[int, int] = (2, 10)) -> dict[str, ViewSpec | None]:
+    """View name -> how it is made, for a {view name: augmentation name} declaration."""
+    unknown = sorted(set(views.values()) - set(AUGMENTATIONS))
+    if unknown:
+        raise ValueError(f"unknown augmentation(s) {unknown}; choose from {sorted(AUGMENTATIONS)}")
+    return {name: AUGMENTATIONS[aug](info, size, randaugment) for name, aug in views.items()}
 
 
 def _uniform(lo: float, hi: float):
@@ -200,9 +190,9 @@ def random_view(images, spec: ViewSpec, out: Output):
     return _normalize(x, out, mirror=fn.random.coin_flip(probability=spec.flip) if spec.flip > 0 else 0)
 
 
-def eval_view(images, p: Profile, out: Output):
-    """Resize the shorter side to p.resize, centre crop p.size, normalise: deterministic."""
-    return _normalize(fn.resize(images, resize_shorter=p.resize, antialias=True), out, crop=p.size)
+def eval_view(images, info: DatasetInfo, size: int, out: Output):
+    """Resize the shorter side to info.eval_resize(size), centre crop `size`, normalise: deterministic."""
+    return _normalize(fn.resize(images, resize_shorter=info.eval_resize(size), antialias=True), out, crop=size)
 
 
 def uses_conditionals(views: dict[str, ViewSpec | None]) -> bool:

@@ -1,0 +1,97 @@
+"""Checks of a composed config that the types alone cannot express, run right after composition so that a wrong
+setting stops the run at once (exit 2), before any process group starts or DeepSpeed is imported.
+
+- `check_values`: every field's allowed range (pipeline/config/fields.py) and the method's name;
+- `check_launch`: the global batch divides into world size x gradient accumulation for this launch;
+- `check_shards`: the splits the config names exist as manifests of the configured dataset, with a class count
+  the dataset can have, and the labelled splits agree on their classes.
+Each raises ConfigError with one line: the key, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from pipeline.config.fields import problem
+
+
+class ConfigError(ValueError):
+    """A config that does not compose or holds a value that is not allowed, said in terms of config keys."""
+
+
+def _walk(node: DictConfig, path: str = ""):
+    """(full key, field, value) of every schema field under `node` that carries a constraint."""
+    schema = OmegaConf.get_type(node)
+    fields = {f.name: f for f in dataclasses.fields(schema)} if dataclasses.is_dataclass(schema) else {}
+    for key in node.keys():
+        full_key = f"{path}.{key}" if path else str(key)
+        child = node[key]
+        if isinstance(child, DictConfig):
+            yield from _walk(child, full_key)
+        elif key in fields and fields[key].metadata and not isinstance(child, ListConfig):
+            yield full_key, fields[key], child
+
+
+def check_values(cfg: DictConfig) -> None:
+    from pipeline.methods import METHODS
+
+    for full_key, f, value in _walk(cfg):
+        why = problem(f, value)
+        if why:
+            raise ConfigError(f"{full_key}={value}: {why}")
+    if "method" in cfg and cfg.method.name not in METHODS:
+        raise ConfigError(f"method.name={cfg.method.name}: must be one of {', '.join(sorted(METHODS))}")
+
+
+def check_launch(cfg: DictConfig, world_size: int) -> None:
+    """The global batch splits evenly over `world_size` ranks and the gradient-accumulation steps."""
+    ga = cfg.deepspeed.grad_accum_steps
+    if cfg.data.batch_size % (world_size * ga):
+        raise ConfigError(f"data.batch_size={cfg.data.batch_size}: must be a multiple of world size {world_size} x "
+                          f"deepspeed.grad_accum_steps {ga} = {world_size * ga}")
+
+
+def data_roles(cfg: DictConfig) -> tuple[str, ...]:
+    """The splits a training run reads: the training split, and the labelled ones when the kNN monitor runs."""
+    return ("train", "bank", "test") if cfg.monitor.knn_every_epochs > 0 else ("train",)
+
+
+def split_manifests(data: DictConfig, roles: tuple[str, ...] = ("train", "bank", "test")) -> dict[str, str]:
+    """{role: manifest URL} of the splits data.<role>_split names."""
+    from pipeline.data.shard_format import manifest_url
+
+    return {role: manifest_url(data.root, data.dataset, data[f"{role}_split"]) for role in roles}
+
+
+def check_shards(data: DictConfig, roles: tuple[str, ...] = ("train", "bank", "test")) -> None:
+    """The manifests of the named splits exist and describe the configured dataset."""
+    from pipeline.data.datasets import DATASETS, dataset_info
+    from pipeline.data.shard_format import read_manifest
+
+    info = dataset_info(data.dataset)
+    if data.dataset in DATASETS:
+        for role in roles:
+            split = data[f"{role}_split"]
+            if split not in info.splits:
+                raise ConfigError(f"data.{role}_split={split}: {data.dataset} has the splits {', '.join(info.splits)}")
+    classes = {}
+    for role, url in split_manifests(data, roles).items():
+        try:
+            manifest = read_manifest(url)
+        except FileNotFoundError:
+            raise ConfigError(f"data.{role}_split={data[f'{role}_split']}: no manifest {url} (convert the split with "
+                              f"tools/make_shards.py, or set data.root)") from None
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"data.{role}_split: cannot read {url}: {err}") from None
+        if manifest.dataset != data.dataset:
+            raise ConfigError(f"data.dataset={data.dataset}: the shards at {url} are of dataset {manifest.dataset!r}")
+        if info.num_classes and len(manifest.classes) not in info.num_classes:
+            raise ConfigError(f"data.dataset={data.dataset}: {url} has {len(manifest.classes)} classes, "
+                              f"{data.dataset} has {' or '.join(map(str, info.num_classes))}")
+        classes[role] = manifest.classes
+    labelled = [classes[r] for r in ("bank", "test") if r in classes]
+    if len(labelled) == 2 and labelled[0] != labelled[1]:
+        raise ConfigError(f"data.bank_split={data.bank_split} and data.test_split={data.test_split} have different "
+                          f"classes ({len(labelled[0])} vs {len(labelled[1])})")
