@@ -1,6 +1,6 @@
 """This rank's random-number state as tensors and plain numbers (loadable with weights_only=True), and back.
 
-What draws random numbers during training: torch's generators (AASAE's reparameterisation noise, dropout-like ops,
+What draws random numbers during training: torch's generators (a method's sampling noise, dropout-like ops,
 CUDA kernels), plus numpy and Python's `random` for anything a library does on the side. DALI's augmentations are
 seeded by the loader from (seed, rank, epoch, position) and need nothing here.
 """

@@ -2,7 +2,7 @@
 
 - `linear_probe`: the evaluation protocol: a linear classifier on the frozen encoder's pooled features, trained with
   SGD + momentum and a cosine learning rate; features are standardised with the training split's mean and std (what
-  a BatchNorm without affine parameters in front of the classifier computes at test time, as in SimCLR's protocol).
+  a BatchNorm without affine parameters in front of the classifier computes at test time, as in the standard linear-evaluation protocol).
 - `OnlineLinearProbe`: a linear classifier on DETACHED pooled features, optimised alongside a method while it trains
   (its loss is added to the method's, but no gradient reaches the encoder), as in solo-learn.
 """
