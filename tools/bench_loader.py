@@ -1,12 +1,13 @@
 """Images per second of the DALI shard loader against a plain PIL + torch DataLoader reference that reads the same
 shards (webdataset) and applies the same augmentations, in the same run; prints both and their ratio.
 
-    python tools/bench_loader.py --synthetic 96                 # STL-10-like 96 px PNGs, SimCLR views with blur
-    python tools/bench_loader.py --synthetic 224                # ImageNet-like JPEGs, 224 px SimCLR views with blur
+    python tools/bench_loader.py --synthetic 96                 # STL-10-like 96 px PNGs, contrastive views with blur
+    python tools/bench_loader.py --synthetic 224                # ImageNet-like JPEGs, 224 px contrastive views
     python tools/bench_loader.py --manifest s3://b/imagenet-train.manifest.json --device cuda   # a GPU run
 
 The reference mirrors torchvision's PIL code paths (RandomResizedCrop, ColorJitter in random order, Grayscale,
-horizontal flip, PIL's GaussianBlur, ToTensor + Normalize); recipes with RandAugment (aag) have no reference here.
+horizontal flip, PIL's GaussianBlur, ToTensor + Normalize); views with RandAugment (aag's w) have no reference here.
+`--method NAME` times the views that method declares; `--augmentation NAME` one view of that augmentation.
 Both sides get the same CPU budget: DALI `--threads` CPU threads and `--readers` byte-reading processes, the
 reference `--threads` DataLoader workers. Each side is timed over `--rounds` epochs, alternating, and the best epoch
 of each counts: on a machine shared with other work that is the figure least disturbed by it.
@@ -30,11 +31,12 @@ from PIL import Image, ImageEnhance, ImageFilter
 
 from pipeline.data.convert import ConvertOptions, convert
 from pipeline.data.loader import ShardLoader
-from pipeline.data.loader_config import LoaderConfig
-from pipeline.data.normalization import mean_std
-from pipeline.data.recipes import ViewSpec, profile_for, recipe_views
+from pipeline.data.augmentations import AUGMENTATIONS, ViewSpec, view_specs
+from pipeline.data.datasets import dataset_info
+from pipeline.data.loader_config import LoaderConfig, LoaderTuning
 from pipeline.data.shard_format import manifest_name, read_manifest
 from pipeline.data.sources.base import Record, Source
+from pipeline.methods import METHODS
 
 
 # -- synthetic shards ----------------------------------------------------------------------------------------------
@@ -151,15 +153,15 @@ class ReferenceSample:
         return {name: view(image) for name, view in self.views.items()}, int(sample["cls"])
 
 
-def reference_loader(manifest_url: str, recipe: str, batch: int, workers: int):
+def reference_loader(manifest_url: str, views: dict[str, str], batch: int, workers: int):
     manifest = read_manifest(manifest_url)
-    profile = profile_for(manifest.dataset)
-    mean, std = mean_std(manifest.dataset)
-    views = {name: ReferenceView(spec, profile.resize, profile.size, mean, std)
-             for name, spec in recipe_views(recipe, profile).items()}
+    info = dataset_info(manifest.dataset)
+    size = info.image_size
+    views = {name: ReferenceView(spec, info.eval_resize(size), size, info.mean, info.std)
+             for name, spec in view_specs(views, info, size).items()}
     folder = manifest_url.rsplit("/", 1)[0]
     urls = [f"{folder}/{s.name}" for s in manifest.shards]
-    # raw bytes only: no automatic decoders (DESIGN.md §7)
+    # raw bytes only: no automatic decoders (docs/shard-format.md)
     dataset = (wds.WebDataset(urls, shardshuffle=len(urls), nodesplitter=None, workersplitter=wds.split_by_worker,
                               empty_check=False)
                .shuffle(1000).map(ReferenceSample(views)))
@@ -192,7 +194,9 @@ def main(argv=None) -> None:
                       help="make STL-10-like (96) or ImageNet-like (224) shards")
     parser.add_argument("--images", type=int, default=0, help="synthetic images (default 2048 at 96 px, 1536 at 224)")
     parser.add_argument("--work", default="", help="folder for synthetic shards (default: a temporary one)")
-    parser.add_argument("--recipe", default="simclr", choices=("simclr", "aasae", "linear", "eval"))
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("--method", choices=sorted(METHODS), help="time the views this method declares (default simclr)")
+    which.add_argument("--augmentation", choices=sorted(AUGMENTATIONS), help="time one view of this augmentation")
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--warmup", type=int, default=3, help="untimed batches at the start of the epoch")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
@@ -207,13 +211,13 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory(dir=args.work or None) as tmp:
         manifest = args.manifest or synthetic_shards(
             args.synthetic, args.images or (2048 if args.synthetic == 96 else 1536), os.path.join(tmp, "shards"))
-        cfg = LoaderConfig(manifest=manifest, recipe=args.recipe, batch_size=args.batch, num_threads=args.threads,
-                           read_workers=args.readers, prefetch=2, device=args.device)
+        views = {"image": args.augmentation} if args.augmentation else METHODS[args.method or "simclr"].views
+        cfg = LoaderConfig(manifest=manifest, views=views, batch_size=args.batch,
+                           tuning=LoaderTuning(num_threads=args.threads, read_workers=args.readers, prefetch=2,
+                                               device=args.device))
         loader = ShardLoader(cfg)
-        views = len(loader.views)
-        print(f"{loader.index.manifest.dataset}: {len(loader.index)} images, recipe {args.recipe} "
-              f"({views} view(s) of {loader.profile.size} px), batch {args.batch}, {args.threads} thread(s), "
-              f"device {loader.device}", flush=True)
+        print(f"{loader.index.manifest.dataset}: {len(loader.index)} images, views {views} of {loader.image_size} px, "
+              f"batch {args.batch}, {args.threads} thread(s), device {loader.device}", flush=True)
 
         def dali_epoch():
             for batch in loader:
@@ -221,7 +225,7 @@ def main(argv=None) -> None:
                     torch.cuda.synchronize()
                 yield [key for key, real in zip(batch.keys, batch.valid.tolist()) if real]
 
-        reference = None if args.no_reference else reference_loader(manifest, args.recipe, args.batch, args.threads)
+        reference = None if args.no_reference else reference_loader(manifest, views, args.batch, args.threads)
         dali, ref = [], []
         for rounds in range(args.rounds):  # alternating, so that a burst of other load does not favour one side
             dali.append(images_per_second(dali_epoch(), args.warmup))
