@@ -1,6 +1,8 @@
-"""Every config file composes against its strict schema, every experiment preset builds its model, the presets
-carry the paper hyper-parameters, and a mistyped key fails naming the key and the valid ones."""
+"""Every config file composes against its strict schema, every experiment preset builds its model (also under
+debug=cpu), the presets carry the paper hyper-parameters and say in their header which method and dataset they
+compose, and a mistyped key fails naming the key and the valid ones."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -11,7 +13,10 @@ from pipeline.methods import METHODS, method_for
 
 GROUPS = sorted(p.name for p in Path(CONFIG_DIR).iterdir() if p.is_dir())
 OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((Path(CONFIG_DIR) / g).glob("*.yaml"))]
-EXPERIMENTS = [name for group, name in OPTIONS if group == "experiment"]
+EXPERIMENTS = [name for group, name in OPTIONS if group == "experiment"]  # not experiment/base/: parts of presets
+METHOD_NAMES = {"aasae": "AASAE", "vae": "VAE", "aag": "AAG", "simclr": "SimCLR"}
+DATASET_NAMES = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100", "stl10": "STL-10", "svhn": "SVHN",
+                 "imagenet": "ImageNet", "digits": "digits"}
 
 
 def test_the_groups_the_issue_names_exist():
@@ -22,6 +27,7 @@ def test_the_groups_the_issue_names_exist():
     assert {"zero0", "zero1", "zero2", "zero3"} <= options["deepspeed"]
     assert {"imagenet_aasae", "stl10_aasae", "cifar10_aasae", "cifar10_aag", "stl10_aag", "imagenet_aag",
             "cifar10_vae", "cifar10_simclr"} <= options["experiment"]
+    assert options["debug"] == {"cpu"}
 
 
 @pytest.mark.parametrize("group, option", OPTIONS)
@@ -30,13 +36,39 @@ def test_every_group_option_composes(group, option):
     assert OmegaConf.missing_keys(cfg) == set()
 
 
+@pytest.mark.parametrize("debug", [[], ["debug=cpu"]], ids=["", "debug=cpu"])
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
-def test_every_experiment_composes_and_builds_its_model(experiment):
-    cfg = load("train", [f"experiment={experiment}"])
+def test_every_experiment_composes_and_builds_its_model(experiment, debug):
+    cfg = load("train", [f"experiment={experiment}", *debug])
     assert cfg.experiment_name == experiment or experiment == "smoke"
     model = method_for(cfg, num_classes=10)
     assert model.views == METHODS[cfg.method.name].views
     assert model.encoder.arch == cfg.backbone.arch and model.encoder.stem == cfg.data.stem
+    if debug:
+        assert (cfg.data.dataset, cfg.data.loader.device, cfg.data.loader.num_threads, cfg.backbone.arch) == (
+            "digits", "cpu", 1, "resnet_small")
+        assert (cfg.logger.wandb_mode, cfg.deepspeed.zero_stage, cfg.deepspeed.precision) == ("disabled", 0, "fp32")
+        assert cfg.method == load("train", [f"experiment={experiment}"]).method  # debug=cpu keeps the method
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_the_demo_presets_are_already_on_debug_cpu(method):
+    """demo_<method> includes debug/cpu itself, and debug=cpu sets no key the demo sets: adding it changes nothing."""
+    assert load("train", [f"experiment=demo_{method}", "debug=cpu"]) == load("train", [f"experiment=demo_{method}"])
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_header_names_the_method_and_dataset_it_composes(experiment):
+    """The line under `# @package _global_` starts with "<method> on <dataset>" of the composed config (a header
+    copied from another preset fails) and says where its numbers come from."""
+    lines = (Path(CONFIG_DIR) / "experiment" / f"{experiment}.yaml").read_text().splitlines()
+    assert lines[0] == "# @package _global_"
+    header = lines[1]
+    cfg = load("train", [f"experiment={experiment}"], resolve=False)
+    any_method = "${method.name}" in OmegaConf.to_container(cfg)["experiment_name"]  # e.g. smoke_${method.name}
+    method = "Any method" if any_method else METHOD_NAMES[cfg.method.name]
+    assert re.match(rf"# {method} on {DATASET_NAMES[cfg.data.dataset]}\b", header), header
+    assert "(docs/methods.md)" in header or "not a paper setting" in header, header
 
 
 def test_evaluate_config_composes_with_every_dataset():
@@ -52,7 +84,15 @@ def test_paper_hyper_parameters():
     assert (aasae.data.batch_size, aasae.schedule.name, aasae.schedule.warmup_epochs) == (256, "constant", 10)
     assert aasae.backbone.arch == "resnet50"
     imagenet = load("train", ["experiment=imagenet_aasae"])
-    assert (imagenet.optimizer.lr, imagenet.data.batch_size, imagenet.data.stem) == (5e-4, 512, "imagenet")
+    assert (imagenet.optimizer.name, imagenet.optimizer.lr, imagenet.optimizer.weight_decay) == ("adam", 5e-4, 0.0)
+    assert (imagenet.data.batch_size, imagenet.data.stem, imagenet.schedule.name) == (512, "imagenet", "constant")
+    assert (imagenet.backbone.arch, imagenet.deepspeed.zero_stage, imagenet.deepspeed.precision) == (
+        "resnet50", 2, "bf16")
+    lars = load("train", ["experiment=imagenet_aag"])
+    assert (lars.optimizer.name, lars.optimizer.lr, lars.optimizer.weight_decay, lars.data.batch_size) == (
+        "lars", 1.2, 1e-6, 1024)
+    assert (lars.schedule.name, lars.schedule.warmup_epochs, lars.epochs, lars.backbone.arch) == (
+        "cosine", 10, 100, "resnet50")
     stl = load("train", ["experiment=stl10_aasae"])
     assert (stl.data.stem, stl.data.image_size) == ("stl10", 96)
     assert load("train", ["experiment=cifar10_vae"]).method.kl_weight == 1.0
@@ -63,6 +103,19 @@ def test_paper_hyper_parameters():
     assert (aag.schedule.name, aag.epochs, aag.data.batch_size) == ("cosine", 1000, 64)
     simclr = load("train", ["experiment=cifar10_simclr"])
     assert (simclr.method.name, simclr.method.temperature) == ("simclr", 0.5)
+    for dataset in ("svhn", "stl10", "cifar100"):  # the CIFAR-10 recipe as it is
+        other = load("train", [f"experiment={dataset}_aag"])
+        assert (other.data.dataset, other.optimizer, other.data.batch_size) == (dataset, aag.optimizer, 64)
+
+
+@pytest.mark.parametrize("baseline, preset", [
+    ("cifar10_simclr", "cifar10_aag"), ("imagenet_simclr", "imagenet_aag"),
+    ("cifar10_vae", "cifar10_aasae"), ("stl10_vae", "stl10_aasae"), ("imagenet_vae", "imagenet_aasae")])
+def test_a_baseline_is_its_paper_preset_with_the_method_switched(baseline, preset):
+    base, paper = (OmegaConf.to_container(load("train", [f"experiment={name}"])) for name in (baseline, preset))
+    for cfg in (base, paper):
+        del cfg["method"], cfg["experiment_name"], cfg["run_dir"]
+    assert base == paper
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -86,7 +139,7 @@ def test_a_mistyped_key_inside_a_preset_file_fails_too(tmp_path, monkeypatch):
 
     configs = tmp_path / "configs"
     shutil.copytree(CONFIG_DIR, configs)
-    preset = configs / "experiment" / "cifar10_aag.yaml"
+    preset = configs / "experiment" / "base" / "aag.yaml"  # cifar10_aag's recipe
     preset.write_text(preset.read_text().replace("  momentum: 0.9", "  momentun: 0.9"))
     monkeypatch.setattr(compose, "CONFIG_DIR", str(configs))
     with pytest.raises(ConfigError, match="unknown config key 'optimizer.momentun'.*has the keys name, lr"):
