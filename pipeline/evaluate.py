@@ -46,7 +46,7 @@ def find_encoder(path: str) -> Path:
 def evaluate(cfg: DictConfig, encoder: torch.nn.Module | None = None) -> dict:
     """kNN and linear probe of the encoder file `cfg.encoder`, or of `encoder` (any module with `.out_dim`, e.g.
     flattened raw pixels as a baseline; `cfg.encoder` then only names it in the results)."""
-    from pipeline.data.loader import EVAL_VIEWS, loader_for, resolve_device
+    from pipeline.data.loading.loader import EVAL_VIEWS, loader_for, resolve_device
     from pipeline.engine.export import load_encoder, read_metadata
     from pipeline.evaluation.features import features
     from pipeline.evaluation.knn import knn

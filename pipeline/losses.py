@@ -38,7 +38,7 @@ def _check_batch(n: int) -> None:
 
 
 def gnt_xent(u: Tensor, v: Tensor, w: Tensor, temperature: float = 0.1) -> Tensor:
-    """GNT-Xent of AAG (DESIGN.md section 4), with s(a, b) = exp(a.b / tau), every sum over j != i, every term a
+    """GNT-Xent of AAG (docs/methods.md), with s(a, b) = exp(a.b / tau), every sum over j != i, every term a
     mean over i:
 
         L_main  = 2 * -log( s(u_i, v_i) / (sum_j s(u_i, v_j) + sum_j s(u_i, u_j) + sum_j s(v_i, v_j)) )

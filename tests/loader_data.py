@@ -16,10 +16,10 @@ import numpy as np
 from PIL import Image
 
 from pipeline.data.image_bytes import encode_pixels
-from pipeline.data.loader import ShardLoader
-from pipeline.data.loader_config import LoaderConfig, LoaderTuning
+from pipeline.data.loading.loader import ShardLoader
+from pipeline.data.loading.loader_config import LoaderConfig, LoaderTuning
 from pipeline.data.shard_format import Manifest, ShardEntry, dali_index, index_name, manifest_name, shard_name
-from pipeline.data.sources import build_source
+from pipeline.data.writing.sources import build_source
 from pipeline.methods import METHODS
 
 Sample = tuple[str, dict[str, bytes]]  # key, ext -> member bytes (tar order)

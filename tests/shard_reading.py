@@ -1,4 +1,4 @@
-"""Reads converted shards back with the webdataset library (no decoders: raw bytes only, DESIGN.md §7)."""
+"""Reads converted shards back with the webdataset library (no decoders: raw bytes only, docs/shard-format.md)."""
 
 from __future__ import annotations
 

@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from loader_data import DIGIT_CLASSES, digits_samples, labelled, make_loader, write_split
-from pipeline.data.loader import BadSampleError, ShardLoader
-from pipeline.data.loader_config import LoaderConfig
-from pipeline.data.shard_index import ShardError
+from pipeline.data.loading.loader import BadSampleError, ShardLoader
+from pipeline.data.loading.loader_config import LoaderConfig
+from pipeline.data.loading.shard_index import ShardError
 
 SIZES = [5, 400, 3, 300, 730]
 

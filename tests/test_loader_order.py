@@ -11,9 +11,9 @@ import pytest
 from PIL import Image
 
 from loader_data import digits_samples, digits_split, make_loader
-from pipeline.data.loader import ShardLoader
+from pipeline.data.loading.loader import ShardLoader
 from pipeline.data.datasets import DATASETS
-from pipeline.data.sample_order import SampleOrder
+from pipeline.data.loading.sample_order import SampleOrder
 
 N_DIGITS = 1438
 

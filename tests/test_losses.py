@@ -12,7 +12,7 @@ from pipeline.losses import LOSSES, gaussian_nll, gnt_xent, kl_to_standard_norma
 
 
 def ref_gnt_xent(u, v, w, tau):
-    """DESIGN.md section 4, term by term, with explicit loops over anchors and negatives."""
+    """docs/methods.md (AAG), term by term, with explicit loops over anchors and negatives."""
     u, v, w = (F.normalize(t, dim=1) for t in (u, v, w))
     n = u.shape[0]
 
@@ -80,7 +80,7 @@ def test_gnt_xent_with_all_similarities_equal_is_exactly_the_closed_form(n):
 
 
 def test_gnt_xent_of_independent_random_projections_is_near_the_closed_form():
-    # DESIGN.md: larger than the all-equal value by about 3 / (d tau^2): 33.6 instead of 31.3 at N = d = 128.
+    # Larger than the all-equal value by about 3 / (d tau^2): 33.6 instead of 31.3 at N = d = 128.
     n, d, tau = 128, 128, 0.1
     u, v, w = (t.detach() for t in random_views(3, n=n, d=d, dtype=torch.float32, seed=3))
     expected = 2 * math.log(3 * (n - 1)) + 4 * math.log(n - 1) + 3 / (d * tau**2)

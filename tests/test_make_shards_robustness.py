@@ -14,9 +14,9 @@ import pytest
 from nvidia.dali import fn, pipeline_def, types
 
 from fixtures import make_image_folder, make_imagenet_train, make_stl10
-from pipeline.data.convert import ConversionError, ConvertOptions, convert
+from pipeline.data.writing.convert import ConversionError, ConvertOptions, convert
 from pipeline.data.shard_format import index_name, read_manifest
-from pipeline.data.sources import build_source
+from pipeline.data.writing.sources import build_source
 from shard_reading import pixels, read_samples
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -160,7 +160,7 @@ def test_folder_holding_another_dataset_is_refused_without_overwrite(tmp_path):
 
 
 def test_memory_filesystem_output_and_verify():
-    from pipeline.data.verify import verify
+    from pipeline.data.writing.verify import verify
 
     summary = convert(build_source("digits", None, "test"), "memory://shards/digits",
                       ConvertOptions(samples_per_shard=100), progress=False)

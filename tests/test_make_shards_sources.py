@@ -8,9 +8,9 @@ import pytest
 
 from fixtures import (WNIDS, WORDS, make_cifar10, make_cifar100, make_image_folder, make_imagenet_train,
                       make_imagenet_train_tar, make_imagenet_val, make_stl10, make_svhn)
-from pipeline.data.convert import ConvertOptions, convert
+from pipeline.data.writing.convert import ConvertOptions, convert
 from pipeline.data.shard_format import read_manifest
-from pipeline.data.sources import SourceLayoutError, build_source
+from pipeline.data.writing.sources import SourceLayoutError, build_source
 from shard_reading import pixels, read_samples
 
 OPTS = ConvertOptions(samples_per_shard=7)

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch.testing import assert_close
 
-from pipeline.data.augmentations import AUGMENTATIONS
+from pipeline.data.loading.augmentations import AUGMENTATIONS
 from pipeline.methods import METHODS, build_method
 from pipeline.methods.aag import AAG, SimCLR
 from pipeline.methods.aasae import AASAE, VAE

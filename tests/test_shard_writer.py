@@ -10,7 +10,7 @@ import fsspec
 import pytest
 
 from pipeline.data import shard_writer
-from pipeline.data.shard_writer import Sample, ShardWriter
+from pipeline.data.writing.shard_writer import Sample, ShardWriter
 
 
 def test_write_all_survives_short_writes(tmp_path, monkeypatch):

@@ -60,7 +60,7 @@ def worker(shards: str, out: str) -> None:
     import torch.distributed as dist
 
     from pipeline.config.compose import load
-    from pipeline.data.loader import EVAL_VIEWS, loader_for
+    from pipeline.data.loading.loader import EVAL_VIEWS, loader_for
     from pipeline.engine.trainer import Trainer
 
     for stage in STAGES:

@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Converts ImageNet, STL-10, CIFAR-10/100, SVHN, an image folder or the embedded digits set into WebDataset shards
-with DALI index files and a manifest per split (DESIGN.md §3), to any fsspec URL.
+with DALI index files and a manifest per split (docs/shard-format.md), to any fsspec URL.
 
 Examples:
   python tools/make_shards.py digits --out data/digits --verify
@@ -18,11 +18,11 @@ import argparse
 import posixpath
 import sys
 
-from pipeline.data.convert import ConversionError, ConvertOptions, convert
+from pipeline.data.writing.convert import ConversionError, ConvertOptions, convert
 from pipeline.data.shard_format import manifest_name
 from pipeline.data.datasets import DATASETS
-from pipeline.data.sources import SOURCES, SourceLayoutError, build_source
-from pipeline.data.verify import verify
+from pipeline.data.writing.sources import SOURCES, SourceLayoutError, build_source
+from pipeline.data.writing.verify import verify
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -21,7 +21,7 @@ from omegaconf import II, MISSING, OmegaConf
 
 from pipeline.config.fields import at_least, greater_than, in_range, one_of
 from pipeline.data.datasets import dataset_info
-from pipeline.data.loader_config import LoaderTuning
+from pipeline.data.loading.loader_config import LoaderTuning
 from pipeline.methods import METHODS, MethodConfig
 from pipeline.models.resnet import ARCHS, STEM_DOWNSAMPLE
 

@@ -1,4 +1,4 @@
-"""The shard contract between tools/make_shards.py and the loaders (DESIGN.md §3).
+"""The shard contract between tools/make_shards.py and the loaders (docs/shard-format.md).
 
 Shards are `{dataset}-{split}-{000000}.tar`; each sample is `<key>.jpg|png` + `<key>.cls` (ASCII integer, -1 when
 unlabelled). Beside each shard its DALI index (`.idx`, the bytes `wds2idx` writes); per split one manifest JSON.

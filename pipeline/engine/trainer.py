@@ -30,7 +30,7 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.config.checks import check_launch, check_shards, check_values, data_roles
-from pipeline.data.loader import EVAL_VIEWS, loader_for
+from pipeline.data.loading.loader import EVAL_VIEWS, loader_for
 from pipeline.distributed import all_reduce_sum, resolve
 from pipeline.engine import rng
 from pipeline.engine.checkpoint import Checkpoints

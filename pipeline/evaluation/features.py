@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pipeline.data.loader import ShardLoader
+from pipeline.data.loading.loader import ShardLoader
 
 
 @torch.no_grad()

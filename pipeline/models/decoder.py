@@ -1,6 +1,6 @@
 """The AASAE decoder: a mirrored ResNet without BatchNorm that maps a latent code to the mean of a Gaussian over pixels.
 
-Layout (DESIGN.md section 4): Linear(latent, hidden)-ReLU-Linear(hidden, 128*4*4)-ReLU, reshape to a (128, 4, 4) seed,
+Layout (docs/methods.md, AASAE): Linear(latent, hidden)-ReLU-Linear(hidden, 128*4*4)-ReLU, reshape to a (128, 4, 4) seed,
 1x1 conv to the encoder's last width, four residual stages mirroring the encoder's (same block type, blocks per stage
 in reverse order, widths halving), a final 3x3 conv to 3 channels and no output activation.
 

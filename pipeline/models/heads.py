@@ -7,7 +7,7 @@ from torch import Tensor, nn
 
 class GaussianHead(nn.Module):
     """AASAE / VAE projection to the parameters of q(z|x): Linear(d, hidden)-BN-ReLU, then bias-free linear maps to
-    the mean and the log-variance (the authors' layout, DESIGN.md section 4)."""
+    the mean and the log-variance (the authors' layout, docs/methods.md)."""
 
     def __init__(self, in_dim: int, hidden_dim: int = 2048, latent_dim: int = 128):
         super().__init__()

@@ -1,4 +1,4 @@
-"""Reads CIFAR's python pickles without letting them run code (DESIGN.md §7).
+"""Reads CIFAR's python pickles without letting them run code (docs/architecture.md, safety of inputs).
 
 Pickles can call any importable function; CIFAR's only need numpy's array reconstruction, so only those names load.
 """

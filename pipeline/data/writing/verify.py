@@ -12,8 +12,8 @@ import tarfile
 import fsspec
 from tqdm import tqdm
 
-from .image_bytes import CorruptImage, decode_rgb
-from .shard_format import IMAGE_EXTS, Manifest, ShardEntry, dali_index, index_name, parse_label, read_manifest
+from ..image_bytes import CorruptImage, decode_rgb
+from ..shard_format import IMAGE_EXTS, Manifest, ShardEntry, dali_index, index_name, parse_label, read_manifest
 
 
 def check_shard(fs, out_dir: str, entry: ShardEntry, num_classes: int) -> list[str]:

@@ -29,7 +29,7 @@ from nvidia.dali import fn, types
 from nvidia.dali import math as dmath
 from nvidia.dali.auto_aug import rand_augment
 
-from .datasets import DatasetInfo
+from ..datasets import DatasetInfo
 
 RANDAUGMENT_MAX_TRANSLATE = 0.3  # of the side, at magnitude bin 30 of 31
 RANDAUGMENT_FILL = 128

@@ -21,8 +21,8 @@ import fsspec
 import numpy as np
 from tqdm import tqdm
 
-from .image_bytes import CorruptImage, encode_pixels, normalise_encoded
-from .shard_format import (
+from ..image_bytes import CorruptImage, encode_pixels, normalise_encoded
+from ..shard_format import (
     Manifest,
     ShardEntry,
     index_name,

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from fsspec.implementations.local import LocalFileSystem
 
-from .shard_format import ShardEntry, check_key, dali_index, index_name
+from ..shard_format import ShardEntry, check_key, dali_index, index_name
 
 BLOCK = 512
 _ZEROS = bytes(2 * BLOCK)

@@ -7,7 +7,7 @@ import os
 
 import numpy as np
 
-from ..shard_format import UNLABELED
+from ...shard_format import UNLABELED
 from .base import dataset_folder, require
 from .raw_pixels import ArraySource
 

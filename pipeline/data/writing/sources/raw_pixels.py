@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..shard_format import split_slug
+from ...shard_format import split_slug
 from .base import Record, Source
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import fsspec
 import numpy as np
 
-from .shard_format import IMAGE_EXTS, Manifest, index_name, read_manifest
+from ..shard_format import IMAGE_EXTS, Manifest, index_name, read_manifest
 
 log = logging.getLogger(__name__)
 

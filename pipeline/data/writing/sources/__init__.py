@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..datasets import DATASETS
+from ...datasets import DATASETS
 from .base import Record, Source, SourceLayoutError
 from .cifar import Cifar10, Cifar100
 from .digits import Digits
