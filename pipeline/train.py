@@ -8,7 +8,8 @@
 
 Configs live in configs/ (schemas: pipeline/engine/config_schema.py). A mistyped key stops here, before anything
 starts, with the key and the valid ones. Re-running the same command resumes from the newest checkpoint in run_dir.
-Exit status: 0 finished or stopped by SIGTERM/SIGUSR1 after checkpointing, 2 bad config, 3 non-finite loss.
+Exit status (pipeline/exit_codes.py): 0 finished, or stopped by SIGTERM/SIGUSR1 after checkpointing (run_dir/status.json
+says which), 2 bad config, 3 non-finite loss.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ import hydra
 from omegaconf import DictConfig
 
 from pipeline.engine import config_schema
-from pipeline.engine.compose import VERSION_BASE, exit_if_bad_cli, exit_with
+from pipeline.engine.compose import VERSION_BASE, exit_if_bad_cli
+from pipeline.exit_codes import NON_FINITE_LOSS, exit_with
 
 config_schema.register()
 
@@ -34,7 +36,9 @@ def _app(cfg: DictConfig) -> None:
         status = Trainer(cfg).run()
     except NonFiniteLoss as err:
         logging.getLogger(__name__).error("%s", err)
-        exit_with(3)
+        exit_with(NON_FINITE_LOSS)
+    # "done" and "stopped" both exit 0 (FINISHED): a non-zero worker would make torchrun and srun stop the other
+    # ranks while they checkpoint; the launch wrappers read status.json and turn "stopped" into 143
     logging.getLogger(__name__).info("training %s", status)
 
 
