@@ -15,10 +15,10 @@ from pipeline.engine.run_status import StatusError, read_status, write_status
 REPO = Path(__file__).resolve().parents[1]
 
 
-def cli(run_dir: Path) -> subprocess.CompletedProcess:
+def cli(run_dir: Path, *options: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    return subprocess.run([sys.executable, "-m", "pipeline.engine.run_status", str(run_dir)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=60)
+    return subprocess.run([sys.executable, "-m", "pipeline.engine.run_status", str(run_dir), *options], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=60)
 
 
 def test_write_then_read(tmp_path):
@@ -73,3 +73,18 @@ def test_the_status_is_json_for_other_tools(tmp_path):
                  reason="stop signal (SIGTERM)")
     assert json.loads((tmp_path / "status.json").read_text())["status"] == "stopped"
     assert cli(tmp_path).stdout == "stopped\n"
+
+
+def test_a_status_older_than_the_attempt_is_stale(tmp_path):
+    """A launcher's start mark newer than status.json: the status is an earlier attempt's, whatever it says."""
+    write_status(tmp_path, "done", step=3, total_steps=3, attempt_started=run_status.now())
+    mark = tmp_path / ".attempt"
+    mark.touch()
+    os.utime(tmp_path / "status.json", ns=(mark.stat().st_mtime_ns - 10**9,) * 2)
+    assert cli(tmp_path, "--since", str(mark)).stdout == "stale\n"
+    os.utime(mark, ns=(mark.stat().st_mtime_ns - 2 * 10**9,) * 2)
+    assert cli(tmp_path, "--since", str(mark)).stdout == "done\n"
+    mark.unlink()
+    proc = cli(tmp_path, "--since", str(mark))
+    assert proc.stdout == "stale\n" and "start mark" in proc.stderr
+    assert cli(tmp_path / "nowhere", "--since", str(mark)).stdout == "missing\n"

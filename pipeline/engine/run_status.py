@@ -9,10 +9,11 @@ outcome of a later one that crashed; the wrappers also ignore a file older than 
 the trainer exits with (pipeline/exit_codes.py). The file is replaced atomically: a reader on another node sees the
 old status or the new one, never half of one.
 
-    python -m pipeline.engine.run_status RUN_DIR
+    python -m pipeline.engine.run_status RUN_DIR [--since MARK]
 
 prints the status word for shell scripts ("failed" followed by its exit code, e.g. "failed 3"), or "missing" when
-there is no status.json, or "unreadable" (with the reason on stderr) when it is not a status.
+there is no status.json, "unreadable" (with the reason on stderr) when it is not a status, and "stale" when it is
+not newer than the file MARK, which a launcher touches when it starts an attempt.
 """
 
 from __future__ import annotations
@@ -78,9 +79,21 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m pipeline.engine.run_status",
                                      description="Print the status word of RUN_DIR/status.json for shell scripts.")
     parser.add_argument("run_dir")
-    run_dir = parser.parse_args(argv).run_dir
+    parser.add_argument("--since", metavar="FILE", help='print "stale" unless status.json is newer than FILE (the '
+                        "launcher's start mark, compared by the run directory's clock like `test -nt`)")
+    args = parser.parse_args(argv)
+    path = Path(args.run_dir) / FILE
+    if args.since and path.exists():
+        try:
+            stale = path.stat().st_mtime_ns <= Path(args.since).stat().st_mtime_ns
+        except FileNotFoundError:
+            print(f"run_status: the start mark {args.since} is missing: {path} counts as stale", file=sys.stderr)
+            stale = True
+        if stale:
+            print("stale")
+            return
     try:
-        record = read_status(run_dir)
+        record = read_status(args.run_dir)
     except StatusError as err:
         print(f"run_status: {err}", file=sys.stderr)
         print("unreadable")
