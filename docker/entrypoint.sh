@@ -11,14 +11,16 @@
 # the deleted pod. So a signalled pod also touches $RUN_DIR/.augssl-stop (the run directory is shared by all pods),
 # and every pod whose entrypoint started before that file was touched stops its command the same way.
 #
-# The exit status is what the Job or PyTorchJob controller sees, so it never says "finished" for a run that only
-# stopped:
+# The exit status (docs/exit-codes.md) is what the Job or PyTorchJob controller sees, so it never says "finished" for
+# a run that only stopped. How the run ended is read from $RUN_DIR/status.json, which the trainer (rank 0, in
+# whichever pod) writes; a status.json not written since this container started is an earlier attempt's and counts
+# as not finished:
 #   - when this container was told to stop (signal or stop file), it exits 143 whatever the command returned;
-#   - when the command exited 0 but the run is not finished, it exits 143 too. Finished means the trainer wrote the
-#     run's final export, $RUN_DIR/encoder.safetensors, during this container's life (export_encoder=true, the
-#     default).
-#   - when the trainer wrote a status to $AUGSSL_EXIT_FILE (2 bad config, 3 non-finite loss), it exits with that,
-#     though torchrun reports any failed worker as 1.
+#   - when the trainer wrote a code to $AUGSSL_EXIT_FILE (2 bad config, 3 non-finite loss) and the command failed,
+#     it exits with that, though torchrun reports any failed worker as 1;
+#   - status "done": 0; "stopped" (the trainers of all pods checkpointed and stopped because one pod was signalled):
+#     143; "failed": the exit code in status.json;
+#   - otherwise (no status of this attempt, or "running"): the command's exit status, but 143 instead of 0.
 # 143 is retryable under every restart policy: the pod (or container) comes back and resumes from the checkpoint.
 set -u
 stop=""
@@ -48,7 +50,7 @@ if [ $# -eq 0 ]; then
   exit 2
 fi
 # the start time as a file's mtime; in the run directory when there is one, so that it is compared with the stop
-# file and the final export by the same (file server's) clock
+# file and status.json by the same (file server's) clock
 if [ -n "${RUN_DIR:-}" ] && mkdir -p "$RUN_DIR" 2>/dev/null &&
    started="$RUN_DIR/.augssl-start-$(hostname 2>/dev/null || echo pod)-$$" && : > "$started" 2>/dev/null; then :
 else
@@ -87,10 +89,23 @@ if [ -n "$stop" ]; then
   rc=143
 elif [ "$rc" -ne 0 ] && [ -s "$exit_file" ]; then
   rc=$(cat "$exit_file")
-elif [ "$rc" -eq 0 ] && [ -n "${RUN_DIR:-}" ] && ! [ "$RUN_DIR/encoder.safetensors" -nt "$started" ]; then
-  echo "augssl-entrypoint: the trainer stopped before the end of the run (no new $RUN_DIR/encoder.safetensors);" \
-       "exiting 143 so it is resumed" >&2
-  rc=143
+elif [ -n "${RUN_DIR:-}" ]; then
+  # "done", "stopped", "running", "failed CODE", or "missing", "unreadable", "stale" (see pipeline/engine/run_status.py)
+  run_status="$(python3 -m pipeline.engine.run_status "$RUN_DIR" --since "$started")" || run_status=unreadable
+  case "$run_status" in
+    done) rc=0 ;;
+    stopped)
+      echo "augssl-entrypoint: the trainers checkpointed and stopped before the end of the run (status.json:" \
+           "stopped); exiting 143 so it is resumed" >&2
+      rc=143 ;;
+    "failed "*) rc="${run_status#failed }" ;;
+    *)
+      if [ "$rc" -eq 0 ]; then
+        echo "augssl-entrypoint: the command exited 0 but the run did not finish (status.json: $run_status);" \
+             "exiting 143 so it is resumed" >&2
+        rc=143
+      fi ;;
+  esac
 fi
 rm -f "$started" "$exit_file"
 exit "$rc"

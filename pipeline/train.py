@@ -6,9 +6,10 @@
     python -m pipeline.train experiment=smoke method=aag            # minutes on a CPU (digits shards)
     python -m pipeline.train --cfg job experiment=cifar10_aag       # print the composed config
 
-Configs live in configs/ (schemas: pipeline.config.schema.py). A mistyped key stops here, before anything
+Configs live in configs/ (schemas: pipeline/config/schema.py). A mistyped key stops here, before anything
 starts, with the key and the valid ones. Re-running the same command resumes from the newest checkpoint in run_dir.
-Exit status: 0 finished or stopped by SIGTERM/SIGUSR1 after checkpointing, 2 bad config, 3 non-finite loss.
+Exit status (pipeline/exit_codes.py): 0 finished, or stopped by SIGTERM/SIGUSR1 after checkpointing (run_dir/status.json
+says which), 2 bad config, 3 non-finite loss.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ import hydra
 from omegaconf import DictConfig
 
 from pipeline.config import schema
-from pipeline.config.compose import VERSION_BASE, exit_if_bad_cli, exit_with
+from pipeline.config.compose import VERSION_BASE, exit_if_bad_cli
+from pipeline.exit_codes import BAD_CONFIG, NON_FINITE_LOSS, exit_with
 
 schema.register()
 
@@ -35,10 +37,12 @@ def _app(cfg: DictConfig) -> None:
         status = Trainer(cfg).run()
     except ConfigError as err:
         print(f"pipeline.train: {err}", file=sys.stderr)
-        exit_with(2)
+        exit_with(BAD_CONFIG)
     except NonFiniteLoss as err:
         logging.getLogger(__name__).error("%s", err)
-        exit_with(3)
+        exit_with(NON_FINITE_LOSS)
+    # "done" and "stopped" both exit 0 (FINISHED): a non-zero worker would make torchrun and srun stop the other
+    # ranks while they checkpoint; the launch wrappers read status.json and turn "stopped" into 143
     logging.getLogger(__name__).info("training %s", status)
 
 

@@ -14,7 +14,8 @@
 #   MASTER_PORT            rendezvous port (default: a free port on the first node, chosen per attempt)
 #   AUGSSL_SHUTDOWN_TIMEOUT  seconds torchrun lets its workers checkpoint after a signal (240; keep it below --signal)
 #   AUGSSL_REQUEUE         1 (default): after the time-limit signal, requeue the job once the trainer has checkpointed
-#                          (only when that attempt wrote a new checkpoint, so a misconfigured job cannot loop)
+#                          (only when that attempt wrote a new checkpoint, so a misconfigured job cannot loop, and
+#                          never when $RUN_DIR/status.json says "done" or "failed")
 #   AUGSSL_MAX_REQUEUES    make_shards.sh: at most this many self-requeues (10)
 
 set -euo pipefail
@@ -120,17 +121,27 @@ augssl_newest_checkpoint() {
   echo "$newest"
 }
 
-# augssl_requeue_or_exit RC BEFORE: after the step. Requeue when the time-limit signal stopped a run that made
-# progress (a checkpoint newer than BEFORE, the newest one at the start) and has not finished; otherwise exit with
-# RC. Requeueing without progress would loop forever (e.g. a --signal lead time longer than --time).
+# augssl_requeue_or_exit RC BEFORE: after the step, exit with what the trainer (rank 0) wrote to $RUN_DIR/status.json
+# during this attempt (docs/exit-codes.md): "done" 0, never requeued; "failed" its exit code (3: a non-finite loss,
+# which a requeue would only repeat). Otherwise, after the time-limit signal, requeue when the run made progress (a
+# checkpoint newer than BEFORE, the newest one at the start): requeueing without progress would loop forever (e.g. a
+# --signal lead time longer than --time). A run that stopped and is not requeued here (AUGSSL_REQUEUE=0, or Slurm's
+# own SIGTERM, after which Slurm requeues or ends the job) exits 143; anything else exits RC.
 augssl_requeue_or_exit() {
-  local rc="$1" before="$2" after
-  after="$(augssl_newest_checkpoint)"
+  local rc="$1" before="$2" after status
+  # "done", "stopped", "running", "failed CODE", or "missing", "unreadable", "stale" (pipeline/engine/run_status.py)
+  status="$("$AUGSSL_PYTHON" -m pipeline.engine.run_status "$RUN_DIR" --since "$AUGSSL_ATTEMPT_MARK")" ||
+    status=unreadable
+  case "$status" in
+    done)
+      augssl_log "the run finished (status.json: done)${AUGSSL_SIGNALLED:+; not requeueing}"
+      exit 0 ;;
+    "failed "*)
+      augssl_log "the run failed (status.json: $status); not requeueing"
+      exit "${status#failed }" ;;
+  esac
   if [ "$AUGSSL_SIGNALLED" = USR1 ] && [ "${AUGSSL_REQUEUE:-1}" = 1 ]; then
-    if [ -e "$RUN_DIR/encoder.safetensors" ] && [ "$RUN_DIR/encoder.safetensors" -nt "$AUGSSL_ATTEMPT_MARK" ]; then
-      augssl_log "the run finished before the time limit: not requeueing"
-      exit 0
-    fi
+    after="$(augssl_newest_checkpoint)"
     if [ -z "$after" ] || [ "$after" = "$before" ]; then
       augssl_log "error: stopped for the time limit without a new checkpoint; not requeueing (it would start" \
                  "over and over). Give the job more --time, or a shorter --signal lead."
@@ -139,6 +150,11 @@ augssl_requeue_or_exit() {
     augssl_log "requeueing job $SLURM_JOB_ID: the next attempt resumes from ${after%/COMPLETE.json}"
     scontrol requeue "$SLURM_JOB_ID"
     exit 0
+  fi
+  if [ "$status" = stopped ]; then
+    augssl_log "the trainer checkpointed and stopped before the end of the run; exiting 143 (to continue it, submit" \
+               "again with AUGSSL_RUN_DIR=$RUN_DIR)"
+    exit 143
   fi
   exit "$rc"
 }

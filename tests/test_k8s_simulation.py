@@ -410,6 +410,35 @@ def test_indexed_job_pods_train_together(tmp_path, digits, bin_dir, cluster):
     assert (run_dir / "encoder.safetensors").exists()
 
 
+def test_a_finished_run_without_export_exits_0_also_when_its_pod_is_restarted(tmp_path, digits, bin_dir, cluster):
+    """overlays/indexed-imagenet-aasae as one pod with export_encoder=false: the run's end is read from
+    status.json, not from a new encoder.safetensors, so the pod succeeds, and so does a replacement pod started
+    after the run has finished (it resumes at the last step and has nothing left to do)."""
+    runs = tmp_path / "runs"
+    c0 = "/spec/template/spec/containers/0"
+    resources = cpu_overlay(
+        tmp_path, K8S / "overlays" / "indexed-imagenet-aasae",
+        [f"AUGSSL_DATA_ROOT={digits}", f"AUGSSL_RUN_ROOT={runs}", "AUGSSL_LOGGER=none", "AUGSSL_SHUTDOWN_TIMEOUT=60"],
+        [{"target": {"kind": "Job"}, "patch": dump(tmp_path / "p.yaml", [
+            {"op": "replace", "path": "/spec/completions", "value": 1},
+            {"op": "replace", "path": "/spec/parallelism", "value": 1},
+            {"op": "replace", "path": f"{c0}/env/0", "value": {"name": "NNODES", "value": "1"}},
+            {"op": "replace", "path": f"{c0}/env/1", "value": {"name": "NPROC_PER_NODE", "value": "1"}},
+            env_patch(K8S / "overlays" / "indexed-imagenet-aasae", c0, "TORCH_EXTENSIONS_DIR", jit_cache()),
+            {"op": "replace", "path": f"{c0}/resources/limits/nvidia.com~1gpu", "value": "1"},
+            {"op": "replace", "path": f"{c0}/resources/requests/nvidia.com~1gpu", "value": "1"},
+            *append_args(c0, CPU_ARGS + ["max_steps=3", "checkpoint.every_steps=3", "export_encoder=false"])])
+            .read_text()}])
+    run_dir = runs / by_kind(resources, "Job")[0]["metadata"]["name"]
+    for attempt in range(2):
+        pod = indexed_job_pods(cluster, resources, "train", bin_dir)
+        assert run_all(pod) == [0], report(pod)
+        status = json.loads((run_dir / "status.json").read_text())
+        assert (status["status"], status["step"], status["total_steps"]) == ("done", 3, 3), status
+    assert "resumed from" in pod[0].output()  # the replacement pod
+    assert not (run_dir / "encoder.safetensors").exists()
+
+
 def test_elastic_pytorchjob_workers_rendezvous_and_train(tmp_path, digits, bin_dir, cluster):
     """overlays/imagenet-aasae-elastic with 1 process per pod: two Workers, no Master, torchrun's c10d rendezvous
     on <job>-worker-0 from PET_RDZV_ENDPOINT and PET_NNODES=1:2."""
@@ -476,17 +505,32 @@ def test_bad_config_under_torchrun_exits_2_through_the_entrypoint(tmp_path):
 
 
 def test_entrypoint_never_reports_an_interrupted_run_as_finished(tmp_path):
-    """docker/entrypoint.sh on its own: exit codes pass through; SIGTERM is forwarded and turns into 143; a 0 without
-    the run's final export (a rank that stopped because another was signalled) is 143 too; a stop file touched by
+    """docker/entrypoint.sh on its own: exit codes pass through; how the run ended is read from the status.json
+    written during this container's life ("done" 0, "stopped" 143, "failed" its code); a 0 without one (a rank that
+    stopped because another was signalled) is 143; SIGTERM is forwarded and turns into 143; a stop file touched by
     another pod stops this one."""
     entry = str(REPO / "docker" / "entrypoint.sh")
     env = {"PATH": os.environ["PATH"], "RUN_DIR": str(tmp_path)}
-    assert subprocess.run([entry, "sh", "-c", "exit 3"], env=env).returncode == 3
-    assert subprocess.run([entry, "sh", "-c", 'echo 3 > "$AUGSSL_EXIT_FILE"; exit 1'], env=env).returncode == 3
-    assert subprocess.run([entry, "true"], env=env).returncode == 143  # no encoder.safetensors
-    done = subprocess.run([entry, "sh", "-c", f"sleep 0.1; touch {tmp_path}/encoder.safetensors"], env=env)
-    assert done.returncode == 0
-    assert subprocess.run([entry, "true"], env={"PATH": os.environ["PATH"]}).returncode == 0  # not a training run
+
+    def code(*argv: str, **env_changes: str) -> int:  # from the image's working directory, like the pods
+        return subprocess.run([entry, *argv], env={**env, **env_changes}, cwd=REPO, timeout=60).returncode
+
+    def ends(status: str, exit_code: int, rc: int) -> int:
+        record = json.dumps({"status": status, "exit_code": exit_code})
+        return code("sh", "-c", f"sleep 0.1; echo '{record}' > {tmp_path}/status.json; exit {rc}")
+
+    assert code("sh", "-c", "exit 3") == 3
+    assert code("sh", "-c", 'echo 3 > "$AUGSSL_EXIT_FILE"; exit 1') == 3
+    assert code("true") == 143  # no status.json
+    assert code("sh", "-c", f"sleep 0.1; touch {tmp_path}/encoder.safetensors") == 143  # an export is no end
+    assert ends("done", 0, 0) == 0
+    assert code("true") == 143  # that "done" is an earlier container's
+    assert ends("stopped", 0, 0) == 143
+    assert ends("failed", 4, 1) == 4
+    assert ends("running", 0, 0) == 143 and ends("running", 0, 1) == 1
+    (tmp_path / "status.json").write_text("{")
+    assert code("sh", "-c", f"sleep 0.1; touch {tmp_path}/status.json") == 143  # unreadable: not finished
+    assert code("true", RUN_DIR="") == 0  # not a training run
     # SIGTERM reaches the child, which exits 0 after "checkpointing": still 143
     marker = tmp_path / "got-term"
     child = (f"trap 'touch {marker}; exit 0' TERM; touch {tmp_path}/started; "

@@ -203,6 +203,7 @@ def test_time_limit_signal_checkpoints_and_requeues(slurm, job_env, tmp_path):
     steps = logged_steps(run_dir)
     assert steps == list(range(1, 21)), steps  # stopped right after a step it had checkpointed: nothing repeated
     assert max(complete_checkpoints(run_dir)) == 20
+    assert "the run finished (status.json: done)" in log  # the second attempt: exit 0, no further requeue
 
 
 def test_make_shards_array_converts_splits_in_parallel(slurm, tmp_path):

@@ -1,7 +1,7 @@
 """`python -m pipeline.train` as a job scheduler sees it, one process on real digits shards with W&B offline:
 SIGTERM and SIGUSR1 checkpoint and exit 0, the next start resumes the same W&B run, a corrupt newest checkpoint
 falls back to the previous one with a warning, a non-finite loss stops with status 3 naming the step and the last
-good checkpoint, and a mistyped key stops before anything starts."""
+good checkpoint, and a mistyped key stops before anything starts. Each outcome is also in run_dir/status.json."""
 
 import json
 import os
@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.engine.run_status import read_status
 from pipeline.engine.safe_load import safe_load
 
 REPO = Path(__file__).resolve().parents[1]
@@ -57,6 +58,8 @@ def test_signals_checkpoint_and_exit_then_resume_the_same_wandb_run(shards, tmp_
     out = signal_after(train(shards, run_dir, "logger=wandb_offline"), run_dir, 3, signal.SIGTERM)
     assert "stop signal: checkpointing at step" in out
     first_step, first = newest_checkpoint(run_dir)
+    status = read_status(run_dir)
+    assert (status["status"], status["step"], status["reason"]) == ("stopped", first_step, "stop signal (SIGTERM)")
     assert first_step == steps_logged(run_dir) >= 3  # the checkpoint is of the step the signal interrupted
     run_id = first["wandb_run_id"]
     assert run_id and list((run_dir / "wandb").glob(f"offline-run-*-{run_id}"))
@@ -94,6 +97,24 @@ def test_non_finite_loss_stops_naming_the_step_and_the_last_good_checkpoint(shar
     good = Path(line.split("last good checkpoint: ")[1].strip())
     assert (good / "COMPLETE.json").is_file() and int(good.name[4:]) == step - 1
     assert not (run_dir / "checkpoints" / f"step{step:09d}").exists()  # nothing saved after the bad step
+    status = read_status(run_dir)
+    assert (status["status"], status["exit_code"], status["step"]) == ("failed", 3, step - 1), status
+    assert status["reason"] == line[line.index("non-finite loss at step"):], status
+
+
+@pytest.mark.slow
+def test_a_run_that_reaches_its_last_step_writes_done(shards, tmp_path):
+    """status.json, not the exported encoder, tells the launch wrappers that a run finished (export_encoder=false
+    writes none); a later start of the finished run has nothing left to do and says "done" again."""
+    run_dir = tmp_path / "done"
+    for _ in range(2):
+        proc = train(shards, run_dir, "logger=none", "max_steps=3", "export_encoder=false")
+        out, _ = proc.communicate(timeout=240)
+        assert proc.returncode == 0, out[-4000:]
+        status = read_status(run_dir)
+        assert (status["status"], status["step"], status["total_steps"], status["exit_code"]) == ("done", 3, 3, 0)
+        assert status["attempt_started"] <= status["updated"]
+    assert "resumed from" in out and not (run_dir / "encoder.safetensors").exists()
 
 
 def test_a_mistyped_key_stops_before_anything_starts(tmp_path):

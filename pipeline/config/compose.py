@@ -10,10 +10,8 @@ that dataclass's fields.
 from __future__ import annotations
 
 import dataclasses
-import os
 import sys
 from pathlib import Path
-from typing import NoReturn
 
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
@@ -22,6 +20,7 @@ from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBase
 
 from pipeline.config import schema
 from pipeline.config.checks import ConfigError, check_launch, check_shards, check_values, data_roles
+from pipeline.exit_codes import BAD_CONFIG, exit_with
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "configs")
 VERSION_BASE = "1.3"
@@ -132,21 +131,10 @@ def check_run(config_name: str, cfg: DictConfig) -> None:
         check_shards(cfg.data, ("bank", "test"))
 
 
-def exit_with(code: int) -> NoReturn:
-    """Exits with a status the launcher must see (2 bad config, 3 non-finite loss). torchrun reports any failed
-    worker as 1, so the code also goes to $AUGSSL_EXIT_FILE when a wrapper sets it (docker/entrypoint.sh exits with
-    it, so a Kubernetes Job's podFailurePolicy can fail the job at once instead of retrying)."""
-    path = os.environ.get("AUGSSL_EXIT_FILE")
-    if path:
-        tmp = f"{path}.{os.getpid()}"
-        Path(tmp).write_text(f"{code}\n")
-        os.replace(tmp, path)  # ranks of a pod may write at the same time
-    sys.exit(code)
-
-
 def exit_if_bad_cli(config_name: str, program: str) -> None:
-    """Entry points call this before Hydra starts: a command line that does not compose exits 2 with the reason."""
+    """Entry points call this before Hydra starts: a command line that does not compose exits BAD_CONFIG (2) with
+    the reason."""
     problem = precheck_cli(config_name, sys.argv[1:])
     if problem:
         print(f"{program}: {problem}", file=sys.stderr)
-        exit_with(2)
+        exit_with(BAD_CONFIG)

@@ -29,6 +29,7 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
+from pipeline.config.checks import ConfigError
 from pipeline.distributed import barrier, broadcast
 from pipeline.engine import rng
 from pipeline.engine.safe_load import safe_load
@@ -38,8 +39,8 @@ MARKER = "COMPLETE.json"
 _TAG = re.compile(r"^step(\d{9})$")
 
 
-class RunDirError(RuntimeError):
-    """The run directory belongs to another experiment."""
+class RunDirError(ConfigError):
+    """The run directory belongs to another experiment: a wrong run_dir, so a configuration error (exit 2)."""
 
 
 def tag_for(step: int) -> str:

@@ -13,7 +13,8 @@ run starts one there, so that an interrupted-and-resumed run sees the same augme
 losses as an uninterrupted one (bit for bit on the CPU at the same world size).
 
 Exit: returns "done" or "stopped" (a SIGTERM/SIGUSR1 made it checkpoint and stop); raises NonFiniteLoss naming the
-step and the last good checkpoint when a loss is NaN/inf (nothing is saved then).
+step and the last good checkpoint when a loss is NaN/inf (nothing is saved then). Rank 0 records which in
+run_dir/status.json (pipeline/engine/run_status.py), "running" from the start of training.
 """
 
 from __future__ import annotations
@@ -29,10 +30,11 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.config.checks import check_launch, check_shards, check_values, data_roles
+from pipeline import exit_codes
+from pipeline.config.checks import ConfigError, check_launch, check_shards, check_values, data_roles
 from pipeline.data.loading.loader import EVAL_VIEWS, loader_for
 from pipeline.distributed import all_reduce_sum, resolve
-from pipeline.engine import rng
+from pipeline.engine import rng, run_status
 from pipeline.engine.checkpoint import Checkpoints
 from pipeline.engine.deepspeed_engine import BatchGeometry, build_engine, init_distributed
 from pipeline.engine.export import encoder_state, save_encoder
@@ -105,8 +107,8 @@ class Trainer:
         if cfg.checkpoint.resume:
             self._resume()
         elif self.checkpoints.complete_tags():  # a fresh start would interleave its checkpoints with old ones
-            raise RuntimeError(f"{self.run_dir} holds checkpoints and checkpoint.resume=false: choose another "
-                               "run_dir (or resume)")
+            raise ConfigError(f"checkpoint.resume=false: {self.run_dir} holds checkpoints; choose another run_dir "
+                              "(or resume)")
         self.logger = RunLogger(cfg, self.run_dir, self.rank == 0, self.wandb_id, self.total_steps, self.step)
         if self.rank == 0:
             OmegaConf.save(cfg, self.run_dir / "config.yaml", resolve=True)
@@ -159,6 +161,15 @@ class Trainer:
         signals = StopSignals().install()
         status = "done"
         self.window = {"data": 0.0, "steps": 0, "since": time.perf_counter()}
+        started = run_status.now()
+
+        def record(state: str, reason: str = "", exit_code: int = exit_codes.FINISHED) -> None:
+            """run_dir/status.json, which the launch wrappers read to learn how this attempt ended."""
+            if self.rank == 0:
+                run_status.write_status(self.run_dir, state, step=self.step, total_steps=self.total_steps,
+                                        attempt_started=started, reason=reason, exit_code=exit_code)
+
+        record("running")
         try:
             while self.step < self.total_steps and status == "done":
                 status = self._epoch(signals)
@@ -171,10 +182,17 @@ class Trainer:
                     self._log_knn()
                 if self.cfg.export_encoder:
                     self._export(self.run_dir / "encoder.safetensors")
+        except NonFiniteLoss as err:
+            record("failed", str(err), exit_codes.NON_FINITE_LOSS)
+            raise
+        except Exception as err:
+            record("failed", f"{type(err).__name__}: {err}", exit_codes.ERROR)
+            raise
         finally:
             signals.uninstall()
             self.loader.close()
             self.logger.finish()
+        record(status, "" if status == "done" else f"stop signal ({signals.received or 'on another rank'})")
         return status
 
     def _epoch(self, signals: StopSignals) -> str:
