@@ -48,9 +48,9 @@ QUICK = {"train": ["max_steps=2", "data.batch_size=16", "monitor.knn_every_epoch
 
 def ensure_shards(root: str) -> bool:
     """Convert the embedded digits set into `root` unless its manifests are there; True when it converted."""
-    from pipeline.data.writing.convert import ConvertOptions, convert
-    from pipeline.data.shard_format import manifest_name
     from pipeline.data.datasets import DATASETS
+    from pipeline.data.shard_format import manifest_name
+    from pipeline.data.writing.convert import ConvertOptions, convert
     from pipeline.data.writing.sources import build_source
 
     splits = DATASETS[DATASET].splits

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Installs what the Slurm end-to-end tests (tests/test_slurm.py) start: Debian's slurmctld, slurmd, slurm-client
+# Installs what the Slurm end-to-end tests (tests/launch/test_slurm.py) start: Debian's slurmctld, slurmd, slurm-client
 # and munge. The tests start the daemons themselves (no systemd, a private munge socket and config in a temporary
 # folder, ports of their own), so nothing is configured or started here, and an already-installed Slurm is left
 # alone. Needs root (or sudo) and apt; idempotent: does nothing when the binaries are already there.

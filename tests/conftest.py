@@ -9,9 +9,6 @@ import pytest
 # threads make it several times slower. Set before any test imports torch; subprocesses inherit it.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-# tests import their helpers (fixtures.py, shard_reading.py, dist_worker.py) by module name
-sys.path.insert(0, os.path.dirname(__file__))
-
 
 def _digits_shards(out: Path, *options: str) -> None:
     """The embedded digits set converted by tools/make_shards.py."""

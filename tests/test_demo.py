@@ -7,14 +7,13 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-from pipeline.demo import METHODS, NAMES, PAPER_METHODS, format_table, warnings_for
 from pipeline.config.compose import load
+from pipeline.demo import METHODS, NAMES, PAPER_METHODS, format_table, warnings_for
+from tests.helpers import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 ROWS = [*PAPER_METHODS, "random_init", "raw_pixels"]
 
 

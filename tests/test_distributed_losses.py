@@ -18,9 +18,10 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-import dist_worker as w
-from pipeline.losses import LOSSES
 from pipeline.evaluation.knn import KNNMonitor
+from pipeline.losses import LOSSES
+from tests.helpers import REPO
+from tests.helpers import dist_worker as w
 
 pytestmark = pytest.mark.slow
 WORLD = 2
@@ -31,7 +32,7 @@ def ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("dist")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(WORLD),
            str(Path(w.__file__)), str(out)]
-    repo = str(Path(__file__).resolve().parents[1])  # importable even without `pip install -e .`
+    repo = str(REPO)  # importable even without `pip install -e .`
     pythonpath = os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")]))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": pythonpath}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)

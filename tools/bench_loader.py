@@ -29,12 +29,12 @@ import torch
 import webdataset as wds
 from PIL import Image, ImageEnhance, ImageFilter
 
-from pipeline.data.writing.convert import ConvertOptions, convert
-from pipeline.data.loading.loader import ShardLoader
-from pipeline.data.loading.augmentations import AUGMENTATIONS, ViewSpec, view_specs
 from pipeline.data.datasets import dataset_info
+from pipeline.data.loading.augmentations import AUGMENTATIONS, ViewSpec, view_specs
+from pipeline.data.loading.loader import ShardLoader
 from pipeline.data.loading.loader_config import LoaderConfig, LoaderTuning
 from pipeline.data.shard_format import manifest_name, read_manifest
+from pipeline.data.writing.convert import ConvertOptions, convert
 from pipeline.data.writing.sources.base import Record, Source
 from pipeline.methods import METHODS
 

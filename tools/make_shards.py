@@ -18,9 +18,9 @@ import argparse
 import posixpath
 import sys
 
-from pipeline.data.writing.convert import ConversionError, ConvertOptions, convert
-from pipeline.data.shard_format import manifest_name
 from pipeline.data.datasets import DATASETS
+from pipeline.data.shard_format import manifest_name
+from pipeline.data.writing.convert import ConversionError, ConvertOptions, convert
 from pipeline.data.writing.sources import SOURCES, SourceLayoutError, build_source
 from pipeline.data.writing.verify import verify
 

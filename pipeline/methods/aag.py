@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from pipeline.config.fields import at_least, greater_than
 from pipeline.distributed import gather_with_grad
 from pipeline.losses import LOSSES
-from pipeline.config.fields import at_least, greater_than
 from pipeline.methods.base import Method, MethodConfig
 from pipeline.models.heads import ProjectionHead
 

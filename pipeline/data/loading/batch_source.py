@@ -13,8 +13,8 @@ from __future__ import annotations
 import numpy as np
 
 from ..image_bytes import CorruptImage, check_png, encode_pixels, jpeg_components, sniff
-from .sample_order import SampleOrder
 from ..shard_format import UNLABELED, parse_label
+from .sample_order import SampleOrder
 
 OK, CORRUPT_IMAGE, BAD_LABEL = 0, 1, 2
 STATUS_TEXT = {CORRUPT_IMAGE: "corrupt image", BAD_LABEL: "bad label"}

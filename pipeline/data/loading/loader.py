@@ -25,13 +25,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .batch_source import OK, STATUS_TEXT, BatchSource
-from ..image_bytes import CorruptImage, decode_rgb
-from .augmentations import Output, eval_view, random_view, uses_conditionals, view_specs
 from ..datasets import DATASETS, dataset_info
+from ..image_bytes import CorruptImage, decode_rgb
+from ..shard_format import manifest_url
+from .augmentations import Output, eval_view, random_view, uses_conditionals, view_specs
+from .batch_source import OK, STATUS_TEXT, BatchSource
 from .loader_config import LoaderConfig, LoaderTuning
 from .sample_order import SampleOrder
-from ..shard_format import manifest_url
 from .shard_index import ShardIndex, open_index
 from .shard_reader import FsspecReader, PosixReader
 

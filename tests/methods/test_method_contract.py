@@ -8,7 +8,6 @@ import re
 import subprocess
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,8 +15,8 @@ from torch import Tensor
 
 from pipeline.config.fields import greater_than
 from pipeline.methods.base import Method, MethodConfig
+from tests.helpers import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 CPU = ["logger=none", "logger.progress_bar=false", "logger.log_every_steps=1", "monitor.knn_every_epochs=0",
        "checkpoint.every_steps=0"]
 
@@ -64,8 +63,7 @@ def train_toy(shards: str, run_dir: str) -> None:
 
 
 def test_a_method_defined_in_a_test_file_trains_through_the_real_trainer(shards, tmp_path):
-    code = f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); import test_method_contract as t; " \
-           f"t.train_toy({shards!r}, {str(tmp_path / 'run')!r})"
+    code = f"import tests.methods.test_method_contract as t; t.train_toy({shards!r}, {str(tmp_path / 'run')!r})"
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -88,7 +86,7 @@ def test_no_file_of_the_loader_engine_or_trainer_names_a_method():
 
 @pytest.mark.slow
 def test_an_image_folder_trains_aasae_at_the_size_data_image_size_sets(tmp_path):
-    from fixtures import make_image_folder
+    from tests.helpers.fixtures import make_image_folder
 
     for split in ("train", "val"):
         make_image_folder(str(tmp_path / "src" / split))

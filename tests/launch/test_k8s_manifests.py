@@ -18,8 +18,21 @@ from pathlib import Path
 import pytest
 import yaml
 
-from k8s_tools import (K8S, K8S_VERSIONS, PYTORCHJOB_SCHEMA, REPO, by_kind, components, config_maps, dump,
-                       kustomizations, kustomize, relative, require_k8s_tools, validation_errors)
+from tests.helpers.k8s_tools import (
+    K8S,
+    K8S_VERSIONS,
+    PYTORCHJOB_SCHEMA,
+    REPO,
+    by_kind,
+    components,
+    config_maps,
+    dump,
+    kustomizations,
+    kustomize,
+    relative,
+    require_k8s_tools,
+    validation_errors,
+)
 
 require_k8s_tools()
 

@@ -11,8 +11,7 @@ import pytest
 
 from pipeline.engine import run_status
 from pipeline.engine.run_status import StatusError, read_status, write_status
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers import REPO
 
 
 def cli(run_dir: Path, *options: str) -> subprocess.CompletedProcess:

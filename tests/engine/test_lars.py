@@ -1,6 +1,6 @@
 """LARS under DeepSpeed ZeRO 0/1/2/3 at world size 2 (torchrun, gloo) equals LARS on the unsharded model.
 
-This file is also the worker: `torchrun --nproc_per_node 2 tests/test_engine_lars.py OUT` trains the same small model
+This file is also the worker: `torchrun --nproc_per_node 2 tests/engine/test_lars.py OUT` trains the same small model
 for a few steps under each ZeRO stage with each rank holding half of every global batch, and saves the full
 parameters after training. The test repeats the steps in one process on the whole batch with the same LARS, and
 the parameters must agree to 1e-6. The hyper-parameters make the trust ratio matter (eta = 1: each step moves a
@@ -11,7 +11,6 @@ worker checks: local norms on those shards would be off by far more than the tol
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -21,6 +20,7 @@ from torch.testing import assert_close
 
 from pipeline.engine.lars import LARS, Layout
 from pipeline.engine.optimizers import param_groups
+from tests.helpers import REPO
 
 WORLD, GLOBAL_BATCH, STEPS = 2, 8, 3
 LR, MOMENTUM, WEIGHT_DECAY, ETA = 0.1, 0.9, 0.05, 1.0
@@ -106,7 +106,7 @@ def _cuts_a_parameter(optimizer, lars: LARS, stage: int) -> bool:
 @pytest.fixture(scope="module")
 def distributed(tmp_path_factory):
     out = tmp_path_factory.mktemp("lars")
-    repo = str(Path(__file__).resolve().parents[1])
+    repo = str(REPO)
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")]))}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",

@@ -3,7 +3,7 @@ real loader: every ZeRO stage trains every method with a decreasing loss; a run 
 computes the same losses as an uninterrupted one; a checkpoint resumes at another world size where the data left
 off; the exported encoder reproduces the engine's features without DeepSpeed.
 
-This file is also the worker: `torchrun --nproc_per_node 2 tests/test_train_distributed.py SHARDS OUT` runs the
+This file is also the worker: `torchrun --nproc_per_node 2 tests/engine/test_train_distributed.py SHARDS OUT` runs the
 matrix of (ZeRO stage, method) and an uninterrupted reference for the resume test, one Trainer after another in
 the same processes (one torchrun start instead of seventeen).
 """
@@ -21,10 +21,11 @@ import pytest
 import torch
 from torch.testing import assert_close
 
+from tests.helpers import REPO
+
 STAGES = (0, 1, 2, 3)
 METHODS = ("aasae", "vae", "aag", "simclr")
 STEPS = 8
-REPO = Path(__file__).resolve().parents[1]
 
 
 def overrides(shards: str, run_dir: str, method: str, stage: int, steps: int = STEPS) -> list[str]:

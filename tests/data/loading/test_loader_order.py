@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from loader_data import digits_samples, digits_split, make_loader
-from pipeline.data.loading.loader import ShardLoader
 from pipeline.data.datasets import DATASETS
+from pipeline.data.loading.loader import ShardLoader
 from pipeline.data.loading.sample_order import SampleOrder
+from tests.helpers.loader_data import digits_samples, digits_split, make_loader
 
 N_DIGITS = 1438
 

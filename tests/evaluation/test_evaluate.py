@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,8 +13,7 @@ import torch
 from pipeline.engine.export import load_encoder, read_metadata, save_encoder
 from pipeline.evaluate import find_encoder
 from pipeline.models.resnet import ResNet
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers import REPO
 
 
 @pytest.fixture

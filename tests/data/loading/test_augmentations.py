@@ -14,10 +14,10 @@ import torch
 from PIL import Image
 from scipy.ndimage import gaussian_filter1d
 
-from loader_data import RAMP_SIDE, colour_samples, make_loader, noise_samples, ramp_samples, write_split
-from pipeline.data.loading.augmentations import ViewSpec, contrastive, crop_flip, crop_jitter, randaugment_view
 from pipeline.data.datasets import DATASETS
+from pipeline.data.loading.augmentations import ViewSpec, contrastive, crop_flip, crop_jitter, randaugment_view
 from pipeline.data.loading.loader import ShardLoader
+from tests.helpers.loader_data import RAMP_SIDE, colour_samples, make_loader, noise_samples, ramp_samples, write_split
 
 CIFAR_CLASSES = [str(k) for k in range(10)]
 N = 2000

@@ -1,4 +1,4 @@
-"""The sbatch scripts in slurm/, submitted to a real single-node Slurm (tests/slurm_cluster.py) as a user would.
+"""The sbatch scripts in slurm/, submitted to a real single-node Slurm (tests/helpers/slurm_cluster.py) as a user would.
 
 The headline job is submitted with `sbatch --wait`, as a user would; the others are polled with scontrol (sbatch
 --wait's own polling interval grows to 32 s, which would double the suite's time). Each job runs the real script with CPU overrides (2 processes, gloo, the digits shards, a tiny ResNet, a handful of
@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from slurm_cluster import SlurmCluster, missing_binaries
+from tests.helpers import REPO
+from tests.helpers.slurm_cluster import SlurmCluster, missing_binaries
 
-REPO = Path(__file__).resolve().parents[1]
 SLURM = REPO / "slurm"
 TRAIN_SCRIPTS = ["imagenet_aasae", "imagenet_aag", "stl10_aasae", "stl10_aag", "cifar10_aag"]
 FINISHED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE",

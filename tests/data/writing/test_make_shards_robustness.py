@@ -4,8 +4,8 @@ import json
 import os
 import signal
 import subprocess
-import tarfile
 import sys
+import tarfile
 import time
 
 import fsspec
@@ -13,14 +13,14 @@ import numpy as np
 import pytest
 from nvidia.dali import fn, pipeline_def, types
 
-from fixtures import make_image_folder, make_imagenet_train, make_stl10
-from pipeline.data.writing.convert import ConversionError, ConvertOptions, convert
 from pipeline.data.shard_format import index_name, read_manifest
+from pipeline.data.writing.convert import ConversionError, ConvertOptions, convert
 from pipeline.data.writing.sources import build_source
-from shard_reading import pixels, read_samples
+from tests.helpers import REPO
+from tests.helpers.fixtures import make_image_folder, make_imagenet_train, make_stl10
+from tests.helpers.shard_reading import pixels, read_samples
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TOOL = os.path.join(ROOT, "tools", "make_shards.py")
+TOOL = str(REPO / "tools" / "make_shards.py")
 WDS2IDX = os.path.join(os.path.dirname(sys.executable), "wds2idx")
 
 

@@ -9,7 +9,7 @@ import tarfile
 import fsspec
 import pytest
 
-from pipeline.data import shard_writer
+from pipeline.data.writing import shard_writer
 from pipeline.data.writing.shard_writer import Sample, ShardWriter
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import webdataset as wds
 from PIL import Image
 
-from pipeline.data.shard_format import read_manifest, manifest_name
+from pipeline.data.shard_format import manifest_name, read_manifest
 
 
 def read_samples(out_dir: str, dataset: str, split: str) -> dict[str, tuple[str, bytes, int]]:

@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers import REPO
+
 K8S = REPO / "k8s"
 PYTORCHJOB_SCHEMA = K8S / "schemas" / "pytorchjob-kubeflow.org-v1.json"
 # the oldest Kubernetes the manifests are written for (Indexed Job podReplacementPolicy, backoffLimitPerIndex) and

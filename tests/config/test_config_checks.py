@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers import REPO
+
 SMOKE = ["experiment=smoke", "method=aag", "logger=none", "monitor.knn_every_epochs=0"]
 
 # Runs an entry point as `python -m` would, then reports what it had imported and started by the time it exited.

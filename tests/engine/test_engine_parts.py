@@ -10,11 +10,11 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from pipeline.engine.checkpoint import MARKER, Checkpoints, RunDirError
 from pipeline.config.compose import load
 from pipeline.config.schema import DeepSpeedConfig
-from pipeline.engine.ds_config import build_ds_config
+from pipeline.engine.checkpoint import MARKER, Checkpoints, RunDirError
 from pipeline.engine.deepspeed_engine import BatchGeometry
+from pipeline.engine.ds_config import build_ds_config
 from pipeline.engine.optimizers import build_optimizer, param_groups
 from pipeline.engine.safe_load import safe_load
 from pipeline.engine.schedule import WarmupSchedule

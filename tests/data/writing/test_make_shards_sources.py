@@ -6,12 +6,22 @@ import os
 import numpy as np
 import pytest
 
-from fixtures import (WNIDS, WORDS, make_cifar10, make_cifar100, make_image_folder, make_imagenet_train,
-                      make_imagenet_train_tar, make_imagenet_val, make_stl10, make_svhn)
-from pipeline.data.writing.convert import ConvertOptions, convert
 from pipeline.data.shard_format import read_manifest
+from pipeline.data.writing.convert import ConvertOptions, convert
 from pipeline.data.writing.sources import SourceLayoutError, build_source
-from shard_reading import pixels, read_samples
+from tests.helpers.fixtures import (
+    WNIDS,
+    WORDS,
+    make_cifar10,
+    make_cifar100,
+    make_image_folder,
+    make_imagenet_train,
+    make_imagenet_train_tar,
+    make_imagenet_val,
+    make_stl10,
+    make_svhn,
+)
+from tests.helpers.shard_reading import pixels, read_samples
 
 OPTS = ConvertOptions(samples_per_shard=7)
 

@@ -15,8 +15,7 @@ import pytest
 
 from pipeline.engine.run_status import read_status
 from pipeline.engine.safe_load import safe_load
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers import REPO
 
 
 def train(shards, run_dir, *extra: str) -> subprocess.Popen:

@@ -1,4 +1,4 @@
-"""Worker for tests/test_distributed_losses.py: `torchrun --nproc_per_node 2 tests/dist_worker.py OUT_DIR`.
+"""Worker for tests/test_distributed_losses.py: `torchrun --nproc_per_node 2 tests/helpers/dist_worker.py OUT_DIR`.
 
 Each rank takes its contiguous slice of a fixed global batch, computes the contrastive losses on gathered embeddings,
 runs each method under DistributedDataParallel (gloo, CPU), fills a kNN monitor with an uneven share of a bank, and
@@ -13,9 +13,9 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from pipeline.distributed import gather_variable, gather_with_grad
+from pipeline.evaluation.knn import KNNMonitor
 from pipeline.losses import LOSSES
 from pipeline.methods import METHODS, build_method
-from pipeline.evaluation.knn import KNNMonitor
 
 GLOBAL_BATCH = 8
 CONTRASTIVE = {"gnt_xent": 3, "nt_xent": 2}  # loss -> number of views

@@ -25,8 +25,20 @@ from pathlib import Path
 
 import pytest
 
-from k8s_tools import (K8S, K8S_VERSIONS, REPO, by_kind, config_maps, container_argv, container_env, dump,
-                       kustomize, relative, require_k8s_tools, validation_errors)
+from tests.helpers.k8s_tools import (
+    K8S,
+    K8S_VERSIONS,
+    REPO,
+    by_kind,
+    config_maps,
+    container_argv,
+    container_env,
+    dump,
+    kustomize,
+    relative,
+    require_k8s_tools,
+    validation_errors,
+)
 
 pytestmark = pytest.mark.slow
 

@@ -14,10 +14,10 @@ import fsspec
 import pytest
 import torch
 
-from loader_data import DIGIT_CLASSES, digits_samples, labelled, make_loader, write_split
 from pipeline.data.loading.loader import BadSampleError, ShardLoader
 from pipeline.data.loading.loader_config import LoaderConfig
 from pipeline.data.loading.shard_index import ShardError
+from tests.helpers.loader_data import DIGIT_CLASSES, digits_samples, labelled, make_loader, write_split
 
 SIZES = [5, 400, 3, 300, 730]
 
