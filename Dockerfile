@@ -22,7 +22,7 @@ RUN groupadd --gid 1000 augssl 2>/dev/null || groupmod --new-name augssl "$(gete
 WORKDIR /opt/augssl
 # Dependencies first (cached while only the code changes): scripts/setup.sh is the project's one install path
 # (torch pinned first, then the project with its extras; s3 and gcs for shards in object stores).
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md LICENSE ./
 COPY scripts/setup.sh scripts/setup.sh
 RUN mkdir -p pipeline && touch pipeline/__init__.py \
     && PYTHON=python3 bash scripts/setup.sh s3,gcs \
@@ -31,6 +31,7 @@ COPY pipeline pipeline
 COPY configs configs
 COPY tools tools
 COPY slurm slurm
+COPY docs docs
 RUN .venv/bin/pip install --no-deps --no-build-isolation -e . && rm -rf /root/.cache/pip \
     && python3 -m compileall -q pipeline tools
 COPY docker/entrypoint.sh /usr/local/bin/augssl-entrypoint

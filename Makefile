@@ -4,7 +4,7 @@ PY := .venv/bin/python
 # (or a CI clone) never rebuild one shared cache under each other's feet.
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/.venv/torch_extensions
 
-.PHONY: demo test setup slurm
+.PHONY: demo test lint setup slurm
 
 demo: setup
 	$(PY) -m pipeline.demo
@@ -12,6 +12,10 @@ demo: setup
 # The Slurm tests start a real single-node Slurm: its Debian packages are installed first (root or sudo).
 test: setup slurm
 	$(PY) -m pytest
+
+# ruff, 120 columns (its settings are in pyproject.toml); .ci/run calls it before the tests.
+lint: setup
+	$(PY) -m ruff check .
 
 setup: .venv/.installed
 
