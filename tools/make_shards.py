@@ -4,8 +4,10 @@ with DALI index files and a manifest per split (docs/shard-format.md), to any fs
 
 Examples:
   python tools/make_shards.py digits --out data/digits --verify
-  python tools/make_shards.py imagenet --src /data/ILSVRC2012_img_train.tar --split train --out s3://bucket/imagenet --workers 16
-  python tools/make_shards.py imagenet --src /data/imagenet --split val --devkit /data/ILSVRC2012_devkit_t12 --out /shards/imagenet
+  python tools/make_shards.py imagenet --src /data/ILSVRC2012_img_train.tar --split train --out s3://bucket/imagenet \\
+      --workers 16
+  python tools/make_shards.py imagenet --src /data/imagenet --split val --devkit /data/ILSVRC2012_devkit_t12 \\
+      --out /shards/imagenet
   python tools/make_shards.py stl10 --src /data/stl10_binary --split train+unlabeled --out /shards/stl10
 
 Re-running resumes (complete shards are checked and skipped). Exit status: 0 done, 1 verification found problems,
@@ -34,9 +36,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--samples-per-shard", type=int, default=1000)
     p.add_argument("--shard-bytes", type=float, default=0, help="also cut shards at about this many bytes (0: off)")
     p.add_argument("--workers", type=int, default=1, help="writer processes")
-    p.add_argument("--no-shuffle", action="store_true", help="keep source order (default: seeded shuffle across classes)")
+    p.add_argument("--no-shuffle", action="store_true",
+                   help="keep source order (default: seeded shuffle across classes)")
     p.add_argument("--seed", type=int, default=0, help="shuffle seed")
-    p.add_argument("--format", choices=("png", "jpg"), default="png", help="encoding of raw-pixel sources (png is lossless)")
+    p.add_argument("--format", choices=("png", "jpg"), default="png",
+                   help="encoding of raw-pixel sources (png is lossless)")
     p.add_argument("--quality", type=int, default=95, help="JPEG quality with --format jpg")
     p.add_argument("--verify", action="store_true", help="re-read every shard afterwards: counts, checksums, decoding")
     p.add_argument("--verify-only", action="store_true",

@@ -148,7 +148,8 @@ class LoggerConfig:
 
 @dataclass
 class CheckpointConfig:
-    every_steps: int = at_least(0, 1000)  # optimizer steps between checkpoints (one is always written at the end); 0 = end only
+    # optimizer steps between checkpoints (one is always written at the end); 0 = end only
+    every_steps: int = at_least(0, 1000)
     keep_last: int = at_least(1, 3)
     resume: bool = True  # continue from the newest valid checkpoint in run_dir
 
@@ -198,7 +199,8 @@ class LinearProbeConfig:
 @dataclass
 class EvalConfig:
     data: DataConfig = MISSING
-    encoder: str = MISSING  # encoder.safetensors, a checkpoint folder, or a run dir (final export, else newest checkpoint)
+    # encoder.safetensors, a checkpoint folder, or a run dir (final export, else newest checkpoint)
+    encoder: str = MISSING
     output: str = ""  # JSON results path ("" = beside the encoder)
     protocols: list[Protocol] = field(default_factory=lambda: [Protocol.knn, Protocol.linear])
     knn_k: int = at_least(1, 200)

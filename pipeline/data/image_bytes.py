@@ -31,7 +31,8 @@ def sniff(data: bytes) -> str | None:
 
 
 def jpeg_components(data: bytes) -> int:
-    """Colour components of a JPEG (1 grey, 3 YCbCr, 4 CMYK/YCCK), read from its SOF header; checks it is not truncated."""
+    """Colour components of a JPEG (1 grey, 3 YCbCr, 4 CMYK/YCCK), read from its SOF header; checks it is not
+    truncated."""
     pos = 2
     n = len(data)
     components = None

@@ -81,7 +81,8 @@ class Checkpoints:
             if path.exists():
                 saved = json.loads(path.read_text())
                 if saved != self.fingerprint:
-                    differ = sorted(k for k in set(saved) | set(self.fingerprint) if saved.get(k) != self.fingerprint.get(k))
+                    differ = sorted(k for k in set(saved) | set(self.fingerprint)
+                                    if saved.get(k) != self.fingerprint.get(k))
                     error = (f"run dir {self.run_dir} holds checkpoints of another experiment (differs in "
                              f"{', '.join(differ)}: {', '.join(f'{k}={saved.get(k)!r}' for k in differ)}); "
                              f"choose another run_dir")

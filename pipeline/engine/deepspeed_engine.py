@@ -1,7 +1,7 @@
 """Process group and DeepSpeed engine construction: the order of the steps is what matters here.
 
-1. The distributed environment is resolved once (pipeline.distributed) and handed to deepspeed.init_distributed: gloo on the
-   CPU, NCCL on CUDA.
+1. The distributed environment is resolved once (pipeline.distributed) and handed to deepspeed.init_distributed:
+   gloo on the CPU, NCCL on CUDA.
 2. BatchNorm becomes SyncBatchNorm BEFORE deepspeed.initialize, which flattens and partitions the parameters of
    the modules it is given: converting afterwards would create parameters DeepSpeed does not manage.
 3. The client optimizer and schedule are built on the module's own parameters, then handed to initialize.

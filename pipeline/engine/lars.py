@@ -1,4 +1,5 @@
-"""LARS (You et al., 2017) as large-batch contrastive training uses it, exact whether or not ZeRO has sharded the parameters.
+"""LARS (You et al., 2017) as large-batch contrastive training uses it, exact whether or not ZeRO has sharded the
+parameters.
 
 Per parameter p with gradient g, in groups with `lars=True`:
 

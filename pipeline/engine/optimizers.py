@@ -2,9 +2,9 @@
 
 Parameters are split into two groups: weights, and "bias and norm" parameters (every parameter with ndim <= 1:
 biases, BatchNorm/LayerNorm scales and shifts). With `exclude_bias_and_norm` the second group gets no weight decay
-and, under LARS, no trust-ratio adaptation (the large-batch self-supervised practice: decaying a BN scale towards 0 fights the
-normalisation, and a trust ratio on a bias is meaningless). DeepSpeed flattens each group separately, so group
-options survive ZeRO partitioning.
+and, under LARS, no trust-ratio adaptation (the large-batch self-supervised practice: decaying a BN scale towards 0
+fights the normalisation, and a trust ratio on a bias is meaningless). DeepSpeed flattens each group separately, so
+group options survive ZeRO partitioning.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """Encoder features of a whole labelled split, each rank a share: for the kNN monitor and for evaluation.
 
-The split is read in manifest order with the deterministic eval transform (the loader's center_crop augmentation); the epoch's last
-global batch is padded by the loader, and the padding (valid = False) is dropped here, so every sample counts once.
+The split is read in manifest order with the deterministic eval transform (the loader's center_crop augmentation); the
+epoch's last global batch is padded by the loader, and the padding (valid = False) is dropped here, so every sample
+counts once.
 """
 
 from __future__ import annotations

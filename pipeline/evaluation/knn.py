@@ -1,5 +1,5 @@
-"""Weighted k-nearest-neighbour classification of frozen features, the InstDisc protocol (Wu et al., 2018): cosine similarities,
-the K = 200 nearest bank entries each vote for their class with weight exp(sim / tau), tau = 0.1.
+"""Weighted k-nearest-neighbour classification of frozen features, the InstDisc protocol (Wu et al., 2018): cosine
+similarities, the K = 200 nearest bank entries each vote for their class with weight exp(sim / tau), tau = 0.1.
 
 `knn` evaluates a finished encoder; `KNNMonitor` is the same protocol as a cheap signal while the encoder trains.
 """

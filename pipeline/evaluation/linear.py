@@ -2,7 +2,8 @@
 
 - `linear_probe`: the evaluation protocol: a linear classifier on the frozen encoder's pooled features, trained with
   SGD + momentum and a cosine learning rate; features are standardised with the training split's mean and std (what
-  a BatchNorm without affine parameters in front of the classifier computes at test time, as in the standard linear-evaluation protocol).
+  a BatchNorm without affine parameters in front of the classifier computes at test time, as in the standard
+  linear-evaluation protocol).
 - `OnlineLinearProbe`: a linear classifier on DETACHED pooled features, optimised alongside a method while it trains
   (its loss is added to the method's, but no gradient reaches the encoder), as in solo-learn.
 """
@@ -42,7 +43,8 @@ def linear_probe(train_batches: Callable[[int], Iterable[tuple[Tensor, Tensor]]]
 
 
 class OnlineLinearProbe(nn.Module):
-    """Linear classifier trained on detached features. Label -1 (unlabelled, the shard format's UNLABELED) is ignored."""
+    """Linear classifier trained on detached features. Label -1 (unlabelled, the shard format's UNLABELED) is
+    ignored."""
 
     def __init__(self, in_dim: int, num_classes: int):
         super().__init__()

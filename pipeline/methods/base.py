@@ -1,8 +1,8 @@
 """What every method shares: the trainer-facing contract, its config schema, the encoder and the online linear probe.
 
 A method owns everything about itself, so that the loader, the engine and the trainer never name one:
-- `views`: {view name: augmentation name} (pipeline/data/loading/augmentations.py), the views a batch must hold and how the
-  loader makes each;
+- `views`: {view name: augmentation name} (pipeline/data/loading/augmentations.py), the views a batch must hold and how
+  the loader makes each;
 - `config`: its Hydra structured-config schema, a MethodConfig subclass whose fields (besides `name`) are its
   constructor's keyword arguments;
 - `loss, metrics = method(views, labels=None)`:

@@ -1,8 +1,8 @@
 """The AASAE decoder: a mirrored ResNet without BatchNorm that maps a latent code to the mean of a Gaussian over pixels.
 
-Layout (docs/methods.md, AASAE): Linear(latent, hidden)-ReLU-Linear(hidden, 128*4*4)-ReLU, reshape to a (128, 4, 4) seed,
-1x1 conv to the encoder's last width, four residual stages mirroring the encoder's (same block type, blocks per stage
-in reverse order, widths halving), a final 3x3 conv to 3 channels and no output activation.
+Layout (docs/methods.md, AASAE): Linear(latent, hidden)-ReLU-Linear(hidden, 128*4*4)-ReLU, reshape to a (128, 4, 4)
+seed, 1x1 conv to the encoder's last width, four residual stages mirroring the encoder's (same block type, blocks per
+stage in reverse order, widths halving), a final 3x3 conv to 3 channels and no output activation.
 
 Spatial scheme, chosen so that every size the recipes use works: the decoder undoes the encoder's downsampling
 exactly. The encoder shrinks the input by F = 8 * (stem factor: CIFAR 1, STL-10 2, ImageNet 4), so the 4x4 seed is

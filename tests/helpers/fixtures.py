@@ -34,7 +34,8 @@ def _png(pixels: np.ndarray) -> bytes:
 
 
 def make_stl10(root: str, n_train: int = 20, n_test: int = 10, n_unlabeled: int = 15) -> dict:
-    """stl10_binary/ with images stored channel-first, column-major, labels 1..10; returns HWC pixels and 0-based labels."""
+    """stl10_binary/ with images stored channel-first, column-major, labels 1..10; returns HWC pixels and 0-based
+    labels."""
     folder = os.path.join(root, "stl10_binary")
     os.makedirs(folder)
     rng, truth = _rng(1), {}

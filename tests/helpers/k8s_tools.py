@@ -197,7 +197,8 @@ def require_k8s_tools() -> None:
     except ImportError:
         if os.environ.get("CI"):
             raise
-        pytest.skip("kubernetes-validate is not installed (a test dependency: pyproject [test])", allow_module_level=True)
+        pytest.skip("kubernetes-validate is not installed (a test dependency: pyproject [test])",
+                    allow_module_level=True)
     if kubectl() is None:
         if os.environ.get("CI"):
             raise RuntimeError("kubectl (with its built-in kustomize) is required by the Kubernetes tests under CI")

@@ -9,8 +9,8 @@ munge on the machine. The daemons' binaries come from `scripts/install_slurm.sh`
 The config is the minimum that works on 22.05 without cgroups or accounting: proctrack/linuxproc, task/none,
 select/cons_tres over cores (memory is not a consumable resource here), no cgroup.conf, no accounting storage, and
 EnforcePartLimits=ALL so a job that asks for more than the node has (GPUs, cores) is rejected at submission instead
-of pending forever. cred_expire is short and the scheduler runs every 2 s, so a requeued job runs again after seconds, not Slurm's
-default two minutes.
+of pending forever. cred_expire is short and the scheduler runs every 2 s, so a requeued job runs again after seconds,
+not Slurm's default two minutes.
 """
 
 from __future__ import annotations

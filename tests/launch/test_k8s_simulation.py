@@ -46,8 +46,8 @@ pytestmark = pytest.mark.slow
 require_k8s_tools()
 
 CPU_ARGS = ["data=digits", "backbone=resnet_small", "deepspeed=zero0", "data.loader.device=cpu", "data.batch_size=16",
-            "data.loader.num_threads=1", "data.loader.read_workers=1", "logger.progress_bar=false", "logger.log_every_steps=1",
-            "monitor.knn_every_epochs=0"]
+            "data.loader.num_threads=1", "data.loader.read_workers=1", "logger.progress_bar=false",
+            "logger.log_every_steps=1", "monitor.knn_every_epochs=0"]
 RUN_TIMEOUT = 300
 
 
@@ -499,7 +499,8 @@ def test_make_shards_job_converts_one_split_per_pod(tmp_path, bin_dir, cluster):
     codes = run_all(pods, timeout=240)
     assert codes == [0, 0], report(pods)
     for pod, split, shards in zip(pods, ("train", "test"), (3, 1)):
-        assert f"converts digits/{split} with 1 workers" in pod.output() and f"verify digits/{split}: OK" in pod.output()
+        assert f"converts digits/{split} with 1 workers" in pod.output() and \
+            f"verify digits/{split}: OK" in pod.output()
         manifest = json.loads((out / f"digits-{split}.manifest.json").read_text())
         assert len(manifest["shards"]) == shards
 

@@ -1,8 +1,9 @@
 """The sbatch scripts in slurm/, submitted to a real single-node Slurm (tests/helpers/slurm_cluster.py) as a user would.
 
 The headline job is submitted with `sbatch --wait`, as a user would; the others are polled with scontrol (sbatch
---wait's own polling interval grows to 32 s, which would double the suite's time). Each job runs the real script with CPU overrides (2 processes, gloo, the digits shards, a tiny ResNet, a handful of
-steps) and a time limit so nothing can hang the suite. `sbatch --wait` also returns 0 for a cancelled job, so every
+--wait's own polling interval grows to 32 s, which would double the suite's time). Each job runs the real script with
+CPU overrides (2 processes, gloo, the digits shards, a tiny ResNet, a handful of steps) and a time limit so nothing can
+hang the suite. `sbatch --wait` also returns 0 for a cancelled job, so every
 test checks what the job left behind (job state, run directory, checkpoints, metrics, logs), not only exit codes.
 
 Needs Debian's slurmctld, slurmd, slurm-client and munge (`bash scripts/install_slurm.sh`) and root (slurmd launches
@@ -28,9 +29,9 @@ FINISHED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_
             "PREEMPTED"}
 
 # what turns any of the GPU presets into a seconds-long CPU run on the digits shards
-CPU_OVERRIDES = ["data=digits", "backbone=resnet_small", "deepspeed=zero0", "data.loader.device=cpu", "data.batch_size=16",
-                 "data.loader.num_threads=1", "data.loader.read_workers=1", "logger=none", "logger.progress_bar=false",
-                 "logger.log_every_steps=1", "monitor.knn_every_epochs=0"]
+CPU_OVERRIDES = ["data=digits", "backbone=resnet_small", "deepspeed=zero0", "data.loader.device=cpu",
+                 "data.batch_size=16", "data.loader.num_threads=1", "data.loader.read_workers=1", "logger=none",
+                 "logger.progress_bar=false", "logger.log_every_steps=1", "monitor.knn_every_epochs=0"]
 # the sbatch flags that fit the job on this node; --time bounds every job, --signal must fit inside it
 CPU_TORCHRUN = ["--nodes=1", "--gpus-per-node=0", "--cpus-per-task=2", "--mem=1G", "--time=5",
                 "--signal=B:USR1@10"]

@@ -84,7 +84,8 @@ class ShardLoader:
         for key in ("normalization", "profile"):
             named = getattr(self.tuning, key)
             if named and named not in DATASETS:
-                raise ValueError(f"loader: {key}={named!r} is not a dataset of the table; choose from {sorted(DATASETS)}")
+                raise ValueError(f"loader: {key}={named!r} is not a dataset of the table; "
+                                 f"choose from {sorted(DATASETS)}")
         stats = dataset_info(self.tuning.normalization or dataset)
         self.mean, self.std = stats.mean, stats.std
         self.info = dataset_info(self.tuning.profile or dataset)

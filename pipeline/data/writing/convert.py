@@ -1,10 +1,10 @@
 """Converts a dataset source into shards: plan, write in parallel, resume, report.
 
 Crash safety: shards are written under `_partial/{dataset}-{split}/` (one folder per split, so conversions of
-different splits can share an output folder at the same time) and moved to their final names only when complete; the manifest is
-rewritten (atomically) after every finished shard, so a re-run verifies what is listed by checksum, skips it, and
-writes only what is missing. The plan (which samples go in which shard) is a pure function of the source listing and
-the options, and its fingerprint guards a folder against being resumed with another dataset or other options.
+different splits can share an output folder at the same time) and moved to their final names only when complete; the
+manifest is rewritten (atomically) after every finished shard, so a re-run verifies what is listed by checksum, skips
+it, and writes only what is missing. The plan (which samples go in which shard) is a pure function of the source listing
+and the options, and its fingerprint guards a folder against being resumed with another dataset or other options.
 """
 
 from __future__ import annotations
@@ -166,7 +166,8 @@ def write_shard(shard_index: int, samples: list[int], tick=None) -> tuple[ShardE
                 problems.append({"shard": name, "key": source.key(i), "action": "skipped", "reason": str(err)})
                 continue
             if note:
-                problems.append({"shard": name, "key": record.key, "origin": record.origin, "action": "converted", "reason": note})
+                problems.append({"shard": name, "key": record.key, "origin": record.origin, "action": "converted",
+                                 "reason": note})
             writer.write(Sample(record.key, record.label, ext, data))
             if tick:
                 tick()
@@ -193,12 +194,14 @@ def _pool_write(job):
 def _check_output(fs, out_dir: str, source: Source, fingerprint: str, overwrite: bool) -> Manifest | None:
     """The resumable manifest of this split, if any; refuses a folder holding other data unless overwriting."""
     mine = posixpath.join(out_dir, manifest_name(source.dataset, source.split))
-    others = [p for p in fs.glob(posixpath.join(out_dir, "*.manifest.json")) if posixpath.basename(p) != posixpath.basename(mine)]
+    others = [p for p in fs.glob(posixpath.join(out_dir, "*.manifest.json"))
+              if posixpath.basename(p) != posixpath.basename(mine)]
     for path in others:
         other = read_manifest(fs.unstrip_protocol(path))
         if other.dataset != source.dataset and not overwrite:
             raise ConversionError(f"{out_dir} already holds {other.dataset!r} shards ({posixpath.basename(path)}); "
-                                  f"choose another output folder or pass --overwrite to write {source.dataset!r} beside them")
+                                  f"choose another output folder or pass --overwrite to write {source.dataset!r} "
+                                  f"beside them")
     if not fs.exists(mine):
         return None
     existing = read_manifest(fs.unstrip_protocol(mine))

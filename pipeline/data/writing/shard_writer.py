@@ -90,7 +90,8 @@ class _ShardFile:
             self._submit(memoryview(full)[:fill], full)
 
     def _submit(self, data, buffer: bytearray | None) -> None:
-        self._in_flight.append((buffer, self._writer.submit(self._write, data), self._hasher.submit(self._sha.update, data)))
+        self._in_flight.append((buffer, self._writer.submit(self._write, data),
+                                self._hasher.submit(self._sha.update, data)))
         while len(self._in_flight) > self.IN_FLIGHT:
             self._retire()
 

@@ -21,7 +21,8 @@ from tests.helpers.loader_data import RAMP_SIDE, colour_samples, make_loader, no
 
 CIFAR_CLASSES = [str(k) for k in range(10)]
 N = 2000
-MEAN, STD = (np.asarray(v, np.float32)[None, :, None, None] for v in (DATASETS["cifar10"].mean, DATASETS["cifar10"].std))
+MEAN, STD = (np.asarray(v, np.float32)[None, :, None, None]
+             for v in (DATASETS["cifar10"].mean, DATASETS["cifar10"].std))
 
 
 def epoch_views(loader: ShardLoader) -> dict[str, np.ndarray]:

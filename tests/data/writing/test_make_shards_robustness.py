@@ -168,7 +168,8 @@ def test_memory_filesystem_output_and_verify():
     names = sorted(os.path.basename(p) for p in fs.ls("/shards/digits", detail=False))
     assert names == ["digits-test-00000%d.%s" % (i, ext) for i in range(4) for ext in ("idx", "tar")] + \
         ["digits-test.manifest.json", "digits-test.report.jsonl"]
-    assert summary.manifest.startswith("memory://") and summary.manifest.endswith("/shards/digits/digits-test.manifest.json")
+    assert summary.manifest.startswith("memory://") and \
+        summary.manifest.endswith("/shards/digits/digits-test.manifest.json")
     assert verify(summary.manifest, progress=False) == []
     fs.pipe_file("/shards/digits/digits-test-000001.idx", b"v1.2 0\n")
     assert verify(summary.manifest, progress=False) == ["digits-test-000001.idx: does not match the tar's members"]

@@ -1,8 +1,9 @@
 """ImageNet ILSVRC2012 in its real layouts.
 
 train: the extracted `train/<wnid>/*.JPEG` tree, or `ILSVRC2012_img_train.tar` (a tar of per-class tars) read in
-place. val: flat `ILSVRC2012_val_000xxxxx.JPEG` files labelled from the devkit (`data/ILSVRC2012_validation_ground_truth.txt`
-+ `data/meta.mat`) or from Kaggle's `LOC_val_solution.csv`, or val already sorted into `<wnid>/` folders.
+place. val: flat `ILSVRC2012_val_000xxxxx.JPEG` files labelled from the devkit
+(`data/ILSVRC2012_validation_ground_truth.txt` + `data/meta.mat`) or from Kaggle's `LOC_val_solution.csv`, or val
+already sorted into `<wnid>/` folders.
 Class index = position of the wnid in sorted order (the standard 0..999).
 """
 
@@ -92,7 +93,8 @@ class ImageNet(FileSource):
         tar = os.path.join(root, "ILSVRC2012_img_train.tar")
         if os.path.isfile(tar):
             return self._train_tar(tar)
-        raise SourceLayoutError(f"{root}: no <wnid> class folders and no ILSVRC2012_img_train.tar. Expected: {_TRAIN_LAYOUT}")
+        raise SourceLayoutError(f"{root}: no <wnid> class folders and no ILSVRC2012_img_train.tar. "
+                                f"Expected: {_TRAIN_LAYOUT}")
 
     def _tree(self, root: str) -> list[FileRef]:
         wnids = _wnid_folders(root)
@@ -110,7 +112,8 @@ class ImageNet(FileSource):
             wnids = [os.path.basename(m.name)[: -len(".tar")] for m in members]
             bad = [w for w in wnids if not _WNID.match(w)]
             if not members or bad:
-                raise SourceLayoutError(f"{path}: expected only <wnid>.tar members, found {bad[:3] or 'none'}. Expected: {_TRAIN_LAYOUT}")
+                raise SourceLayoutError(f"{path}: expected only <wnid>.tar members, found {bad[:3] or 'none'}. "
+                                        f"Expected: {_TRAIN_LAYOUT}")
             index = self._set_synsets(wnids)
             for member, wnid in sorted(zip(members, wnids), key=lambda mw: mw[1]):
                 with tarfile.open(fileobj=outer.extractfile(member), mode="r:") as inner:
@@ -127,13 +130,15 @@ class ImageNet(FileSource):
             return self._tree(folder)
         files = sorted(n for n in os.listdir(folder) if _VAL_FILE.match(n))
         if not files:
-            raise SourceLayoutError(f"{folder}: no ILSVRC2012_val_*.JPEG files or <wnid> folders. Expected: {_VAL_LAYOUT}")
+            raise SourceLayoutError(f"{folder}: no ILSVRC2012_val_*.JPEG files or <wnid> folders. "
+                                    f"Expected: {_VAL_LAYOUT}")
         if devkit:
             labels = self._devkit_labels()
         elif val_csv:
             labels = self._csv_labels(require(val_csv, "LOC_val_solution.csv (ImageId,PredictionString)"))
         else:
-            raise SourceLayoutError(f"{folder} holds flat val images: give --devkit or --val-csv for their labels. Expected: {_VAL_LAYOUT}")
+            raise SourceLayoutError(f"{folder} holds flat val images: give --devkit or --val-csv for their labels. "
+                                    f"Expected: {_VAL_LAYOUT}")
         index = self._set_synsets(sorted(set(labels.values())))
         refs = []
         for name in files:
