@@ -330,6 +330,21 @@ def append_args(prefix: str, args: list[str]) -> list[dict]:
     return [{"op": "add", "path": f"{prefix}/args/-", "value": a} for a in args]
 
 
+def training_literals(data_root: Path, run_root: Path) -> list[str]:
+    """The params.env values a training pod here runs with: these shards and runs, no W&B, a one-minute grace."""
+    return [f"AUGSSL_DATA_ROOT={data_root}", f"AUGSSL_RUN_ROOT={run_root}", "AUGSSL_LOGGER=none",
+            "AUGSSL_SHUTDOWN_TIMEOUT=60"]
+
+
+def one_cpu_trainer(overlay: Path, container: str, args: list[str]) -> list[dict]:
+    """Patches that make the container at `container` one CPU trainer: one "GPU" per pod (one process), the shared
+    DeepSpeed op cache, and the CPU training arguments plus `args`."""
+    return [env_patch(overlay, container, "TORCH_EXTENSIONS_DIR", jit_cache()),
+            {"op": "replace", "path": f"{container}/resources/limits/nvidia.com~1gpu", "value": "1"},
+            {"op": "replace", "path": f"{container}/resources/requests/nvidia.com~1gpu", "value": "1"},
+            *append_args(container, CPU_ARGS + args)]
+
+
 def checkpoints(run_dir: Path) -> dict[int, dict]:
     return {int(m.parent.name[4:]): json.loads(m.read_text())
             for m in (run_dir / "checkpoints").glob("step*/COMPLETE.json")}
@@ -354,7 +369,7 @@ def test_pytorchjob_replicas_train_together_and_resume_after_pod_deletion(tmp_pa
     prefix = "/spec/pytorchReplicaSpecs/{}/template/spec/containers/0"
     resources = cpu_overlay(
         tmp_path, K8S / "overlays" / "imagenet-aasae",
-        [f"AUGSSL_DATA_ROOT={digits}", f"AUGSSL_RUN_ROOT={runs}", "AUGSSL_LOGGER=none", "AUGSSL_SHUTDOWN_TIMEOUT=60"],
+        training_literals(digits, runs),
         [{"target": {"kind": "PyTorchJob"}, "patch": dump(tmp_path / "p.yaml", [
             {"op": "replace", "path": "/spec/nprocPerNode", "value": "1"},
             env_patch(K8S / "overlays" / "imagenet-aasae", prefix.format("Master"), "TORCH_EXTENSIONS_DIR",
@@ -402,13 +417,11 @@ def test_indexed_job_pods_train_together(tmp_path, digits, bin_dir, cluster):
     c0 = "/spec/template/spec/containers/0"
     resources = cpu_overlay(
         tmp_path, K8S / "overlays" / "indexed-imagenet-aasae",
-        [f"AUGSSL_DATA_ROOT={digits}", f"AUGSSL_RUN_ROOT={runs}", "AUGSSL_LOGGER=none", "AUGSSL_SHUTDOWN_TIMEOUT=60"],
+        training_literals(digits, runs),
         [{"target": {"kind": "Job"}, "patch": dump(tmp_path / "p.yaml", [
             {"op": "replace", "path": f"{c0}/env/1", "value": {"name": "NPROC_PER_NODE", "value": "1"}},
-            env_patch(K8S / "overlays" / "indexed-imagenet-aasae", c0, "TORCH_EXTENSIONS_DIR", jit_cache()),
-            {"op": "replace", "path": f"{c0}/resources/limits/nvidia.com~1gpu", "value": "1"},
-            {"op": "replace", "path": f"{c0}/resources/requests/nvidia.com~1gpu", "value": "1"},
-            *append_args(c0, CPU_ARGS + ["max_steps=6", "checkpoint.every_steps=3"])]).read_text()}])
+            *one_cpu_trainer(K8S / "overlays" / "indexed-imagenet-aasae", c0,
+                            ["max_steps=6", "checkpoint.every_steps=3"])]).read_text()}])
     job = by_kind(resources, "Job")[0]["metadata"]["name"]
     pods = indexed_job_pods(cluster, resources, "train", bin_dir)
     assert pods[0].env["MASTER_ADDR"] == f"{job}-0.{job}"  # what the pod's DNS must resolve
@@ -430,16 +443,14 @@ def test_a_finished_run_without_export_exits_0_also_when_its_pod_is_restarted(tm
     c0 = "/spec/template/spec/containers/0"
     resources = cpu_overlay(
         tmp_path, K8S / "overlays" / "indexed-imagenet-aasae",
-        [f"AUGSSL_DATA_ROOT={digits}", f"AUGSSL_RUN_ROOT={runs}", "AUGSSL_LOGGER=none", "AUGSSL_SHUTDOWN_TIMEOUT=60"],
+        training_literals(digits, runs),
         [{"target": {"kind": "Job"}, "patch": dump(tmp_path / "p.yaml", [
             {"op": "replace", "path": "/spec/completions", "value": 1},
             {"op": "replace", "path": "/spec/parallelism", "value": 1},
             {"op": "replace", "path": f"{c0}/env/0", "value": {"name": "NNODES", "value": "1"}},
             {"op": "replace", "path": f"{c0}/env/1", "value": {"name": "NPROC_PER_NODE", "value": "1"}},
-            env_patch(K8S / "overlays" / "indexed-imagenet-aasae", c0, "TORCH_EXTENSIONS_DIR", jit_cache()),
-            {"op": "replace", "path": f"{c0}/resources/limits/nvidia.com~1gpu", "value": "1"},
-            {"op": "replace", "path": f"{c0}/resources/requests/nvidia.com~1gpu", "value": "1"},
-            *append_args(c0, CPU_ARGS + ["max_steps=3", "checkpoint.every_steps=3", "export_encoder=false"])])
+            *one_cpu_trainer(K8S / "overlays" / "indexed-imagenet-aasae", c0,
+                            ["max_steps=3", "checkpoint.every_steps=3", "export_encoder=false"])])
             .read_text()}])
     run_dir = runs / by_kind(resources, "Job")[0]["metadata"]["name"]
     for attempt in range(2):
@@ -458,13 +469,11 @@ def test_elastic_pytorchjob_workers_rendezvous_and_train(tmp_path, digits, bin_d
     prefix = "/spec/pytorchReplicaSpecs/Worker/template/spec/containers/0"
     resources = cpu_overlay(
         tmp_path, K8S / "overlays" / "imagenet-aasae-elastic",
-        [f"AUGSSL_DATA_ROOT={digits}", f"AUGSSL_RUN_ROOT={runs}", "AUGSSL_LOGGER=none", "AUGSSL_SHUTDOWN_TIMEOUT=60"],
+        training_literals(digits, runs),
         [{"target": {"kind": "PyTorchJob"}, "patch": dump(tmp_path / "p.yaml", [
             {"op": "replace", "path": "/spec/elasticPolicy/nProcPerNode", "value": 1},
-            env_patch(K8S / "overlays" / "imagenet-aasae-elastic", prefix, "TORCH_EXTENSIONS_DIR", jit_cache()),
-            {"op": "replace", "path": f"{prefix}/resources/limits/nvidia.com~1gpu", "value": "1"},
-            {"op": "replace", "path": f"{prefix}/resources/requests/nvidia.com~1gpu", "value": "1"},
-            *append_args(prefix, CPU_ARGS + ["max_steps=6", "checkpoint.every_steps=3"])]).read_text()}])
+            *one_cpu_trainer(K8S / "overlays" / "imagenet-aasae-elastic", prefix,
+                            ["max_steps=6", "checkpoint.every_steps=3"])]).read_text()}])
     job = by_kind(resources, "PyTorchJob")[0]["metadata"]["name"]
     workers = pytorchjob_replicas(cluster, resources, bin_dir)
     assert [w.env["PET_NNODES"] for w in workers] == ["1:2", "1:2"]
