@@ -29,6 +29,24 @@ watcher=""
 poll="${AUGSSL_STOP_POLL_SECONDS:-2}"
 stop_file="${RUN_DIR:+$RUN_DIR/.augssl-stop}"
 
+# A torchrun whose workers have all exited (they checkpointed and stopped) waits in its exit barrier for the agents
+# of the other pods, up to 5 minutes, inside a call that does not see signals; when one of those pods was deleted,
+# that agent never comes. So once a stop was forwarded to torchrun, it is ended as soon as it has had no worker
+# processes for two polls: its workers' checkpoint is complete by then, and torchrun holds nothing else. Needs
+# /proc/PID/task/TID/children (Linux >= 3.5); without it torchrun is left to its own timeout.
+end_idle_torchrun() {
+  idle=0
+  while sleep "$poll" && kill -0 "$1" 2>/dev/null; do
+    if [ -n "$(cat /proc/"$1"/task/*/children 2>/dev/null)" ]; then idle=0; continue; fi
+    idle=$((idle + 1))
+    if [ "$idle" -ge 2 ]; then
+      echo "augssl-entrypoint: torchrun's workers have exited; ending it instead of waiting for other pods" >&2
+      kill -s KILL "$1" 2>/dev/null || true
+      return
+    fi
+  done
+}
+
 forward() {
   if [ -z "$stop" ] && [ -n "$stop_file" ] && [ "$1" != STOPFILE ]; then
     touch "$stop_file" 2>/dev/null || true  # tell the other pods
@@ -37,7 +55,10 @@ forward() {
   if [ -z "$stop" ]; then
     stop="$1"
     if [ "$1" = STOPFILE ]; then sig=TERM; else sig="$1"; fi
-    if [ -n "$child" ]; then kill -s "$sig" "$child" 2>/dev/null || true; fi
+    if [ -n "$child" ]; then
+      kill -s "$sig" "$child" 2>/dev/null || true
+      if [ "$launcher" = torchrun ] && [ -r "/proc/$$/task/$$/children" ]; then end_idle_torchrun "$child" & fi
+    fi
   fi
 }
 trap 'forward TERM' TERM
@@ -49,6 +70,7 @@ if [ $# -eq 0 ]; then
   echo "usage: augssl-entrypoint COMMAND [ARGS...]" >&2
   exit 2
 fi
+launcher="$(basename "$1")"
 # the start time as a file's mtime; in the run directory when there is one, so that it is compared with the stop
 # file and status.json by the same (file server's) clock
 if [ -n "${RUN_DIR:-}" ] && mkdir -p "$RUN_DIR" 2>/dev/null &&

@@ -1,7 +1,8 @@
 """Checks of a composed config that the types alone cannot express, run right after composition so that a wrong
 setting stops the run at once (exit 2), before any process group starts or DeepSpeed is imported.
 
-- `check_values`: every field's allowed range (pipeline/config/fields.py) and the method's name;
+- `check_values`: every field's allowed range (pipeline/config/fields.py), the method's name, and the DeepSpeed
+  settings that only work together;
 - `check_launch`: the global batch divides into world size x gradient accumulation for this launch;
 - `check_shards`: the splits the config names exist as manifests of the configured dataset, with a class count
   the dataset can have, and the labelled splits agree on their classes.
@@ -43,6 +44,20 @@ def check_values(cfg: DictConfig) -> None:
             raise ConfigError(f"{full_key}={value}: {why}")
     if "method" in cfg and cfg.method.name not in METHODS:
         raise ConfigError(f"method.name={cfg.method.name}: must be one of {', '.join(sorted(METHODS))}")
+    if "deepspeed" in cfg:
+        _check_deepspeed(cfg)
+
+
+def _check_deepspeed(cfg: DictConfig) -> None:
+    ds = cfg.deepspeed
+    if ds.offload_optimizer and ds.zero_stage == 0:
+        raise ConfigError("deepspeed.offload_optimizer=true: needs deepspeed.zero_stage >= 1")
+    if ds.offload_params and ds.zero_stage != 3:
+        raise ConfigError(f"deepspeed.offload_params=true: needs deepspeed.zero_stage 3, not {ds.zero_stage}")
+    if cfg.optimizer.name == "lars" and ds.zero_stage == 0 and ds.precision != "fp32":
+        # at stage 0 DeepSpeed's mixed-precision wrapper steps the optimizer once with zero gradients while it is
+        # built, which LARS's weight decay and trust ratio would turn into a real update
+        raise ConfigError(f"deepspeed.precision={ds.precision}: LARS with bf16/fp16 needs deepspeed.zero_stage >= 1")
 
 
 def check_launch(cfg: DictConfig, world_size: int) -> None:

@@ -73,10 +73,6 @@ def build_engine(cfg: DictConfig, model: nn.Module, geometry: BatchGeometry, tot
         if device.type != "cuda" and geometry.world_size > 1:
             raise ValueError("deepspeed.sync_batchnorm needs CUDA devices (torch has no CPU SyncBatchNorm)")
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    if cfg.optimizer.name == "lars" and cfg.deepspeed.zero_stage == 0 and cfg.deepspeed.precision != "fp32":
-        raise ValueError("LARS with bf16/fp16 needs deepspeed.zero_stage >= 1: at stage 0 DeepSpeed's mixed-precision "
-                         "wrapper steps the optimizer once with zero gradients while it is built, which LARS's "
-                         "weight decay and trust ratio would turn into a real update")
     model = model.to(device)
     optimizer = build_optimizer(cfg.optimizer, model)
     schedule = WarmupSchedule(optimizer, cfg.schedule.name, total_steps, warmup_steps,

@@ -10,7 +10,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from pipeline.config.compose import load
+from pipeline.config.compose import ConfigError, load
 from pipeline.config.schema import DeepSpeedConfig
 from pipeline.engine.checkpoint import MARKER, Checkpoints, RunDirError
 from pipeline.engine.deepspeed_engine import BatchGeometry
@@ -66,11 +66,13 @@ def test_deepspeed_config():
     assert offload["zero_force_ds_cpu_optimizer"] is False
     extra = build_ds_config(ds(zero_stage=1, extra={"zero_optimization": {"round_robin_gradients": True}}), 8, 2)
     assert extra["zero_optimization"] == {**extra["zero_optimization"], "stage": 1, "round_robin_gradients": True}
-    for bad, message in [(dict(zero_stage=4), "zero_stage"), (dict(precision="fp8"), "precision"),
-                         (dict(offload_optimizer=True), "zero_stage >= 1"), (dict(zero_stage=2, offload_params=True),
-                                                                            "zero_stage 3")]:
-        with pytest.raises(ValueError, match=message):
-            build_ds_config(ds(**bad), 8, 1)
+    for bad, message in [(["deepspeed.zero_stage=4"], "zero_stage=4: must be between 0 and 3"),
+                         (["deepspeed.precision=fp8"], "'deepspeed.precision'"),
+                         (["deepspeed.offload_optimizer=true"], "needs deepspeed.zero_stage >= 1"),
+                         (["deepspeed.zero_stage=2", "deepspeed.offload_params=true"], "needs deepspeed.zero_stage 3"),
+                         (["optimizer=lars", "optimizer.lr=1", "deepspeed.precision=bf16"], "LARS with bf16/fp16")]:
+        with pytest.raises(ConfigError, match=message):
+            load("train", bad)
 
 
 def test_batch_geometry():

@@ -579,3 +579,28 @@ def test_entrypoint_never_reports_an_interrupted_run_as_finished(tmp_path):
     assert proc.wait(timeout=20) == 143
     assert marker.exists() and "another pod of this run was stopped" in proc.stderr.read()
     assert not list(tmp_path.glob(".augssl-start-*"))  # cleaned up
+
+
+def test_entrypoint_ends_a_torchrun_left_waiting_for_a_deleted_pod(tmp_path):
+    """A torchrun whose workers finished waits in its exit barrier, deaf to SIGTERM, for the agent of a deleted pod.
+    A stand-in named torchrun: its worker exits at once and it then ignores TERM (as the barrier's C++ wait does).
+    After another pod's stop file, the entrypoint ends it within a few polls and exits 143, instead of waiting out the
+    barrier; a command that is not torchrun is never killed this way."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "torchrun").write_text(
+        f"#!{sys.executable}\nimport signal, subprocess, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+        f"subprocess.run(['true'])\nopen({str(tmp_path / 'started')!r}, 'w').close()\ntime.sleep(120)\n")
+    (bin_dir / "torchrun").chmod(0o755)
+    env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "RUN_DIR": str(tmp_path), "AUGSSL_STOP_POLL_SECONDS": "0.2"}
+    proc = subprocess.Popen([str(REPO / "docker" / "entrypoint.sh"), "torchrun"], env=env, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.monotonic() + 20
+    while not (tmp_path / "started").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)
+    started = time.monotonic()
+    (tmp_path / ".augssl-stop").touch()
+    assert proc.wait(timeout=30) == 143
+    assert time.monotonic() - started < 10
+    assert "torchrun's workers have exited; ending it" in proc.stderr.read()
