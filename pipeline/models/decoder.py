@@ -4,7 +4,7 @@ Layout (docs/methods.md, AASAE): Linear(latent, hidden)-ReLU-Linear(hidden, 128*
 seed, 1x1 conv to the encoder's last width, four residual stages mirroring the encoder's (same block type, blocks per
 stage in reverse order, widths halving), a final 3x3 conv to 3 channels and no output activation.
 
-Spatial scheme, chosen so that every size the recipes use works: the decoder undoes the encoder's downsampling
+Spatial scheme, chosen so that every data.image_size works: the decoder undoes the encoder's downsampling
 exactly. The encoder shrinks the input by F = 8 * (stem factor: CIFAR 1, STL-10 2, ImageNet 4), so the 4x4 seed is
 first resized (nearest) to image_size / F, i.e. to the size of the encoder's last feature map: 32 px CIFAR -> 4 (no
 resize), 96 px STL-10 -> 6, 224 px ImageNet -> 7, 64 px CIFAR stem -> 8. Stages 1-3 then upsample by 2 (mirroring
