@@ -4,6 +4,10 @@ Contrastive losses take un-normalised embeddings of the whole global batch (see 
 and for what equality holds across ranks) and L2-normalise them here. The likelihood and KL return one value per
 sample, so the caller decides how to reduce (AASAE: mean over the batch). Half-precision inputs (a bf16/fp16 engine)
 are computed in float32: bf16/fp16 are too coarse for logits scaled by 1/tau and for sums over every pixel.
+
+`valid` (N,) bool marks the rows that may be trained on: a sample the loader could not use, or a repeat that pads an
+epoch's last batch, is neither an anchor nor a negative (its column is left out of every sum and its row out of the
+mean), so a contrastive loss with a mask equals the loss of the valid rows alone.
 """
 
 from __future__ import annotations
@@ -32,12 +36,25 @@ def _without_self(*mats: Tensor) -> list[Tensor]:
     return [m.masked_fill(diagonal, float("-inf")) for m in mats]
 
 
+def _drop_columns(m: Tensor, invalid: Tensor | None) -> Tensor:
+    """`m` with the columns of invalid samples at the lowest finite value (not -inf: a row with no valid negative
+    must still give finite gradients, which its zero weight then removes)."""
+    return m if invalid is None else m.masked_fill(invalid[None, :], torch.finfo(m.dtype).min)
+
+
+def _valid_mean(per_sample: Tensor, valid: Tensor | None) -> Tensor:
+    """Mean over the valid rows; 0 (with a gradient) when there are none."""
+    if valid is None:
+        return per_sample.mean()
+    return per_sample.masked_fill(~valid, 0).sum() / valid.sum().clamp(min=1)
+
+
 def _check_batch(n: int) -> None:
     if n < 2:
         raise ValueError("contrastive losses need at least 2 samples in the (global) batch")
 
 
-def gnt_xent(u: Tensor, v: Tensor, w: Tensor, temperature: float = 0.1) -> Tensor:
+def gnt_xent(u: Tensor, v: Tensor, w: Tensor, temperature: float = 0.1, valid: Tensor | None = None) -> Tensor:
     """GNT-Xent of AAG (docs/methods.md), with s(a, b) = exp(a.b / tau), every sum over j != i, every term a
     mean over i:
 
@@ -51,14 +68,17 @@ def gnt_xent(u: Tensor, v: Tensor, w: Tensor, temperature: float = 0.1) -> Tenso
     _check_batch(u.shape[0])
     u, v, w = (F.normalize(t, dim=1) for t in _fp32(u, v, w))
     uv, uu, vv, uw, vw = (_logits(a, b, temperature) for a, b in ((u, v), (u, u), (v, v), (u, w), (v, w)))
-    uv_, uu_, vv_, uw_, vw_ = _without_self(uv, uu, vv, uw, vw)
+    invalid = None if valid is None else ~valid
+    uv_, uu_, vv_, uw_, vw_ = (_drop_columns(m, invalid) for m in _without_self(uv, uu, vv, uw, vw))
     main = 2 * (torch.cat([uv_, uu_, vv_], dim=1).logsumexp(dim=1) - uv.diagonal())
-    # D(u, w) + D(w, u), then D(v, w) + D(w, v): one matrix each, anchored on its rows, then on its columns
-    aux = sum(m_.logsumexp(dim=1) + m_.logsumexp(dim=0) - 2 * m.diagonal() for m, m_ in ((uw, uw_), (vw, vw_)))
-    return (main + aux).mean()
+    # D(u, w) + D(w, u), then D(v, w) + D(w, v): one matrix each, anchored on its rows, then on its columns (whose
+    # negatives are the rows: the transposed matrix with its invalid columns dropped)
+    aux = sum(m_.logsumexp(dim=1) + _drop_columns(m_.T, invalid).logsumexp(dim=1) - 2 * m.diagonal()
+              for m, m_ in ((uw, uw_), (vw, vw_)))
+    return _valid_mean(main + aux, valid)
 
 
-def nt_xent(u: Tensor, v: Tensor, temperature: float = 0.5) -> Tensor:
+def nt_xent(u: Tensor, v: Tensor, temperature: float = 0.5, valid: Tensor | None = None) -> Tensor:
     """NT-Xent of SimCLR: 2N anchors, each with its other view as the positive and the remaining 2N - 2 as negatives;
     the positive is in the denominator, the anchor itself is not. Mean over the 2N anchors."""
     n = u.shape[0]
@@ -66,7 +86,9 @@ def nt_xent(u: Tensor, v: Tensor, temperature: float = 0.5) -> Tensor:
     z = F.normalize(torch.cat(_fp32(u, v)), dim=1)
     logits = _logits(z, z, temperature)
     positives = torch.cat([logits.diagonal(n), logits.diagonal(-n)])
-    return (_without_self(logits)[0].logsumexp(dim=1) - positives).mean()
+    both = None if valid is None else torch.cat([valid, valid])
+    negatives = _drop_columns(_without_self(logits)[0], None if both is None else ~both)
+    return _valid_mean(negatives.logsumexp(dim=1) - positives, both)
 
 
 def gaussian_nll(mean: Tensor, target: Tensor, sigma: float = 1.0) -> Tensor:

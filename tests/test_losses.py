@@ -124,3 +124,30 @@ def test_kl_matches_torch_distributions():
     expected = kl_divergence(Normal(mu, std), Normal(0.0, 1.0)).sum(1)
     assert_close(kl_to_standard_normal(mu, std), expected)
     assert_close(kl_to_standard_normal(torch.zeros(3, 8), torch.ones(3, 8)), torch.zeros(3))
+
+
+@pytest.mark.parametrize("name", ["gnt_xent", "nt_xent"])
+def test_a_masked_row_is_neither_anchor_nor_negative(name):
+    """With a mask, the loss (and its gradient) is the loss of the valid rows alone: an unusable sample or a repeat
+    padding the last batch cannot become a false negative."""
+    g = torch.Generator().manual_seed(3)
+    n_views = 3 if name == "gnt_xent" else 2
+    views = [torch.randn(10, 16, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(n_views)]
+    valid = torch.tensor([True, False, True, True, False, True, True, True, False, True])
+    masked = LOSSES[name](*views, valid=valid)
+    subset = LOSSES[name](*(v[valid] for v in views))
+    assert_close(masked, subset)
+    grads = torch.autograd.grad(masked, views)
+    expected = torch.autograd.grad(subset, views)
+    for got, want in zip(grads, expected):
+        assert_close(got, want)
+        assert not got[~valid].any()  # nothing flows into the masked rows
+    assert torch.equal(LOSSES[name](*views, valid=torch.ones(10, dtype=torch.bool)), LOSSES[name](*views))
+
+
+@pytest.mark.parametrize("name", ["gnt_xent", "nt_xent"])
+def test_a_batch_without_valid_rows_gives_zero_not_nan(name):
+    views = [torch.randn(6, 8, requires_grad=True) for _ in range(3 if name == "gnt_xent" else 2)]
+    loss = LOSSES[name](*views, valid=torch.zeros(6, dtype=torch.bool))
+    loss.backward()
+    assert loss.item() == 0 and all(torch.isfinite(v.grad).all() for v in views)

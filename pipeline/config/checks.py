@@ -5,7 +5,8 @@ setting stops the run at once (exit 2), before any process group starts or DeepS
   settings that only work together;
 - `check_launch`: the global batch divides into world size x gradient accumulation for this launch;
 - `check_shards`: the splits the config names exist as manifests of the configured dataset, with a class count
-  the dataset can have, and the labelled splits agree on their classes.
+  the dataset can have, the training split fills at least one global batch, and the labelled splits agree on their
+  classes.
 Each raises ConfigError with one line: the key, the value and what is allowed.
 """
 
@@ -102,6 +103,9 @@ def check_shards(data: DictConfig, roles: tuple[str, ...] = ("train", "bank", "t
             raise ConfigError(f"data.{role}_split: cannot read {url}: {err}") from None
         if manifest.dataset != data.dataset:
             raise ConfigError(f"data.dataset={data.dataset}: the shards at {url} are of dataset {manifest.dataset!r}")
+        if role == "train" and manifest.num_samples < data.batch_size:
+            raise ConfigError(f"data.batch_size={data.batch_size}: the {data.train_split} split has only "
+                              f"{manifest.num_samples} samples, so every step would repeat samples to fill the batch")
         if info.num_classes and len(manifest.classes) not in info.num_classes:
             raise ConfigError(f"data.dataset={data.dataset}: {url} has {len(manifest.classes)} classes, "
                               f"{data.dataset} has {' or '.join(map(str, info.num_classes))}")

@@ -57,6 +57,9 @@ class DataConfig:
     image_size: int = dataset_fact("image_size")  # side of every view, the eval crop and the AASAE reconstruction
     stem: str = one_of(tuple(STEM_DOWNSAMPLE), dataset_fact("stem"))  # encoder stem (pipeline.models.resnet)
     batch_size: int = at_least(1, 256)  # global batch per optimizer step
+    # the run stops (exit 4) when more of an epoch's samples than this are unusable (undecodable, unlabelled, ...);
+    # those below it are left out of the losses and the probe
+    max_bad_fraction: float = in_range(0.0, 1.0, 0.001)
     loader: LoaderTuning = field(default_factory=LoaderTuning)
 
 

@@ -32,7 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from pipeline import exit_codes
 from pipeline.config.checks import ConfigError, check_launch, check_shards, check_values, data_roles
-from pipeline.data.loading.loader import EVAL_VIEWS, loader_for
+from pipeline.data.loading.loader import EVAL_VIEWS, BadSampleError, loader_for
 from pipeline.distributed import all_reduce_sum, resolve
 from pipeline.engine import rng, run_status
 from pipeline.engine.checkpoint import Checkpoints
@@ -50,6 +50,10 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 class NonFiniteLoss(RuntimeError):
     """A loss was NaN or infinite; training stopped without saving."""
+
+
+class BadData(RuntimeError):
+    """More samples of an epoch were unusable than data.max_bad_fraction allows; training stopped without saving."""
 
 
 def fingerprint(cfg: DictConfig) -> dict:
@@ -185,6 +189,9 @@ class Trainer:
         except NonFiniteLoss as err:
             record("failed", str(err), exit_codes.NON_FINITE_LOSS)
             raise
+        except (BadData, BadSampleError) as err:
+            record("failed", str(err), exit_codes.BAD_DATA)
+            raise
         except Exception as err:
             record("failed", f"{type(err).__name__}: {err}", exit_codes.ERROR)
             raise
@@ -197,7 +204,8 @@ class Trainer:
 
     def _epoch(self, signals: StopSignals) -> str:
         """Train until the end of the loader's epoch, the last step, or a stop signal."""
-        engine, accumulated = self.engine, {}
+        engine, accumulated, bad_seen = self.engine, {}, 0
+        bad_allowed = self.cfg.data.max_bad_fraction * len(self.loader.index)
         batches = iter(self.loader)
         while self.step < self.total_steps:
             tick = time.perf_counter()
@@ -206,13 +214,21 @@ class Trainer:
                 return "done"
             self.window["data"] += time.perf_counter() - tick
             views = {k: batch.views[k].to(self.dtype) for k in self.method.views}
-            loss, metrics = engine(views, batch.labels)
-            # one collective, on the device (NCCL reduces CUDA tensors only), and one host sync per micro-batch
+            loss, metrics = engine(views, batch.labels, batch.valid)
+            # one collective, on the device (NCCL reduces CUDA tensors only), and one host sync per micro-batch: stop
+            # signals, non-finite losses and unusable samples, summed over ranks
             flags = torch.stack([torch.tensor(float(signals.received is not None), device=loss.device),
-                                 (~torch.isfinite(loss.detach())).float()])
+                                 (~torch.isfinite(loss.detach())).float(),
+                                 torch.tensor(float(batch.bad), device=loss.device)])
             if dist.is_initialized():
-                dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-            stop, non_finite = flags.tolist()
+                dist.all_reduce(flags, op=dist.ReduceOp.SUM)
+            stop, non_finite, bad = flags.tolist()
+            bad_seen += int(bad)
+            if bad_seen > bad_allowed:
+                raise BadData(f"{bad_seen} unusable samples in epoch {batch.epoch} of {len(self.loader.index)}, more "
+                              f"than data.max_bad_fraction={self.cfg.data.max_bad_fraction} allows; the warnings "
+                              "above name them: repair the shards (tools/make_shards.py --verify-only) or raise "
+                              "data.max_bad_fraction")
             if non_finite:
                 last = self.checkpoints.last_complete()
                 where = "this rank" if not torch.isfinite(loss) else "another rank"

@@ -52,15 +52,19 @@ class AAG(Method):
         self.temperature = temperature
         self.projection = ProjectionHead(self.encoder.out_dim, proj_dim, proj_hidden_dim)
 
-    def ssl_forward(self, views: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor], Tensor]:
+    def ssl_forward(self, views: dict[str, Tensor], valid: Tensor) -> tuple[Tensor, dict[str, Tensor], Tensor]:
         names = list(self.views)
         n_views, n = len(names), views[names[0]].shape[0]
         features = self.encoder(torch.cat([views[k] for k in names]))
         z = self.projection(features)
-        # One collective for all views: (W*V*n, d) in rank-major order -> V tensors of (W*n, d).
-        gathered = gather_with_grad(z)
-        per_view = gathered.reshape(-1, n_views, n, z.shape[1]).transpose(0, 1).reshape(n_views, -1, z.shape[1])
-        loss = LOSSES[self.loss_name](*per_view, temperature=self.temperature)
+        d = z.shape[1]
+        # One collective for all views and the valid mask (as an extra column): (W*V*n, d + 1) in rank-major order
+        # -> V tensors of (W*n, d + 1); the mask is the same in every view.
+        flagged = torch.cat([z, valid.repeat(n_views)[:, None].to(z.dtype)], dim=1)
+        gathered = gather_with_grad(flagged)
+        per_view = gathered.reshape(-1, n_views, n, d + 1).transpose(0, 1).reshape(n_views, -1, d + 1)
+        global_valid = per_view[0, :, d] > 0.5
+        loss = LOSSES[self.loss_name](*per_view[:, :, :d], temperature=self.temperature, valid=global_valid)
         z_u, z_v = F.normalize(z[:n].detach(), dim=1), F.normalize(z[n : 2 * n].detach(), dim=1)
         metrics = {"pos_sim": (z_u * z_v).sum(1).mean()}
         return loss, metrics, features[: PROBED_VIEWS * n]

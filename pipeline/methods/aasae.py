@@ -60,7 +60,7 @@ class AASAE(Method):
         self.decoder = ResNetDecoder(self.encoder.arch, self.encoder.stem, self.image_size, latent_dim, hidden_dim,
                                      self.encoder.width)
 
-    def ssl_forward(self, views: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor], Tensor]:
+    def ssl_forward(self, views: dict[str, Tensor], valid: Tensor) -> tuple[Tensor, dict[str, Tensor], Tensor]:
         target = views["target"]
         features = self.encoder(views[self.encoder_view])
         mu, logvar = self.projection(features)
@@ -69,7 +69,8 @@ class AASAE(Method):
         reconstruction = self.decoder(z)
         nll = gaussian_nll(reconstruction, target, self.sigma)
         kl = kl_to_standard_normal(mu, std)
-        loss = (self.kl_weight * kl + nll).mean()
+        weights = valid.to(nll.dtype)
+        loss = ((self.kl_weight * kl + nll) * weights).sum() / weights.sum().clamp(min=1)
         metrics = {
             "nll": nll.mean().detach(),
             "kl": kl.mean().detach(),

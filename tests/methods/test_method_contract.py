@@ -37,10 +37,10 @@ class Toy(Method):
         super().__init__(**common)
         self.scale = scale
 
-    def ssl_forward(self, views: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor], Tensor]:
+    def ssl_forward(self, views: dict[str, Tensor], valid: Tensor) -> tuple[Tensor, dict[str, Tensor], Tensor]:
         features = self.encoder(torch.cat([views["a"], views["b"]]))
         a, b = features.chunk(2)
-        loss = self.scale * (a - b).pow(2).mean()
+        loss = self.scale * (a - b)[valid].pow(2).mean()
         return loss, {"distance": loss.detach()}, features
 
 

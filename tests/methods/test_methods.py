@@ -202,3 +202,17 @@ def test_visualize_draws_the_named_rows_of_eight_images(name, grid, rows):
         with torch.no_grad():
             _, _, expected = mean_reconstruction(model.eval(), grids[grid]["encoder input"])
         assert_close(grids[grid]["reconstruction"], expected)
+
+
+@pytest.mark.parametrize("name", ["aasae", "aag"])
+def test_invalid_rows_are_left_out_of_the_loss_and_the_probe(name):
+    """The loader's mask: the method's loss and the online probe's equal those of the valid rows alone."""
+    torch.manual_seed(0)
+    model = build_method(name, num_classes=10, **(SMALL_AE if name == "aasae" else SMALL)).eval()
+    views, labels = views_for(model), torch.randint(0, 10, (8,))
+    valid = torch.tensor([True, True, False, True, True, False, True, True])
+    with torch.no_grad():
+        _, masked = model(views, labels, valid)
+        _, subset = model({k: v[valid] for k, v in views.items()}, labels[valid])
+    for key in ("ssl_loss", "online_loss", "online_acc1"):
+        assert_close(masked[key], subset[key], rtol=1e-4, atol=1e-5)

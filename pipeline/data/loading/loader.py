@@ -49,6 +49,7 @@ class Batch:
     labels: torch.Tensor  # (B,) int64, -1 = unlabelled (and for a sample whose label was unusable)
     keys: list[str]  # sample keys, as in the shards
     valid: torch.Tensor  # (B,) bool: False for the padding of the epoch's last global batch and for skipped samples
+    bad: int  # how many of this batch's samples (padding excluded) were unusable: undecodable, unlabelled, ...
     epoch: int
     step: int  # index of this batch in its epoch
 
@@ -160,13 +161,14 @@ class ShardLoader:
         if not np.array_equal(out["rows"].numpy(), rows):
             raise RuntimeError("loader: DALI returned batches out of order")
         status = out["status"].numpy()
-        for i in np.flatnonzero(valid & (status != OK)):  # padding repeats samples already reported
+        bad = np.flatnonzero(valid & (status != OK))  # padding repeats samples already counted
+        for i in bad:
             self._bad_sample(int(rows[i]), int(status[i]))
         valid = valid & (status == OK)
         views = {name: self._to_torch(out[name]) for name in stream.names}
         return Batch(views=views, labels=out["labels"].to(self.device, torch.int64, non_blocking=True),
                      keys=[self.index.key(r) for r in rows], valid=torch.from_numpy(valid).to(self.device),
-                     epoch=self.epoch, step=self.step)
+                     bad=len(bad), epoch=self.epoch, step=self.step)
 
     def _find_undecodable(self) -> bool:
         """After a DALI failure: whether the batches the pipeline had in flight hold images that pass the cheap
