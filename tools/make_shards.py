@@ -21,7 +21,7 @@ import posixpath
 import sys
 
 from pipeline.data.datasets import DATASETS
-from pipeline.data.shard_format import manifest_name
+from pipeline.data.shard_format import check_name, manifest_name
 from pipeline.data.writing.convert import ConversionError, ConvertOptions, convert
 from pipeline.data.writing.sources import SOURCES, SourceLayoutError, build_source
 from pipeline.data.writing.verify import verify
@@ -55,7 +55,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--fold", type=int, help="stl10 train: one of the 10 predefined folds (0-9)")
     g.add_argument("--labels", choices=("fine", "coarse"), help="cifar100 label set (default fine)")
     g.add_argument("--name", help="folder: dataset name used in shard names (default 'folder')")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.name is not None:
+        try:
+            check_name("--name", args.name)
+        except ValueError as err:
+            p.error(str(err))
+    return args
 
 
 def main(argv=None) -> int:

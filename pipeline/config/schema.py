@@ -19,9 +19,10 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import II, MISSING, OmegaConf
 
-from pipeline.config.fields import at_least, greater_than, in_range, one_of
+from pipeline.config.fields import at_least, greater_than, in_range, matching, one_of
 from pipeline.data.datasets import dataset_info
 from pipeline.data.loading.loader_config import LoaderTuning
+from pipeline.data.shard_format import NAME_PATTERN
 from pipeline.methods import METHODS, MethodConfig
 from pipeline.models.resnet import ARCHS, STEM_DOWNSAMPLE
 
@@ -49,7 +50,8 @@ class DataConfig:
     manifest is `{root}/{dataset}-{split}.manifest.json`, as tools/make_shards.py writes it. Sizes and the stem
     default to the dataset table's entry."""
 
-    dataset: str = MISSING  # a dataset of the table, or the --name of an image folder's shards
+    # a dataset of the table, or the --name of an image folder's shards
+    dataset: str = matching(NAME_PATTERN, "letters, digits, '_' and '-' only", MISSING)
     root: str = "data/${.dataset}"  # folder or fsspec URL holding the shards and manifests
     train_split: str = "train"  # self-supervised training
     bank_split: str = "train"  # labelled: kNN bank and linear-probe training

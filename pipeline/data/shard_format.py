@@ -19,6 +19,18 @@ IMAGE_EXTS = ("jpg", "png")
 _KEY_RE = re.compile(r"^[A-Za-z0-9_\-]{1,90}$")
 
 
+# Dataset and shard names become file names next to the manifest: nothing that could leave that folder.
+NAME_PATTERN = r"[A-Za-z0-9_\-]{1,64}"
+_SHARD_RE = re.compile(rf"^{NAME_PATTERN}\.tar$")
+
+
+def check_name(kind: str, name: str) -> str:
+    """`name` if it is a plain file-name part ([A-Za-z0-9_-]); a dataset name like '../x' is refused."""
+    if not re.fullmatch(NAME_PATTERN, name):
+        raise ValueError(f"invalid {kind} {name!r}: use 1-64 characters of [A-Za-z0-9_-] (no dots, no slashes)")
+    return name
+
+
 def check_key(key: str) -> str:
     if not _KEY_RE.match(key):
         raise ValueError(f"invalid sample key {key!r}: use 1-90 characters of [A-Za-z0-9_-] (no dots, no slashes)")
@@ -103,6 +115,10 @@ class Manifest:
             body.pop("num_samples", None)
             body.pop("skipped_samples", None)
             body["shards"] = [ShardEntry(**s) for s in body["shards"]]
+            check_name("dataset name", body["dataset"])
+            outside = [s.name for s in body["shards"] if not _SHARD_RE.match(s.name)]
+            if outside:
+                raise ValueError(f"shard name {outside[0]!r} is not a plain NAME.tar in the manifest's folder")
             return cls(**body)
         except (ValueError, KeyError, TypeError) as err:
             raise ValueError(f"{where} is not a valid augssl shard manifest: {err}") from err

@@ -55,6 +55,8 @@ def run_entry(module: str, *overrides: str, tmp_path: Path, env: dict | None = N
     ("deepspeed.grad_accum_steps=0", "deepspeed.grad_accum_steps=0: must be >= 1"),
     ("checkpoint.keep_last=0", "checkpoint.keep_last=0: must be >= 1"),
     ("data.loader.device=tpu", "data.loader.device=tpu: must be auto, cpu, cuda or cuda:N"),
+    ("data.dataset=../x", "data.dataset=../x: must be letters, digits, '_' and '-' only"),
+    ("data.max_bad_fraction=2", "data.max_bad_fraction=2.0: must be between 0.0 and 1.0"),
 ])
 def test_each_bad_value_exits_2_at_once_naming_the_key(shards, tmp_path, override, says):
     report, stderr, seconds, exit_code = run_entry("pipeline.train", *SMOKE, f"data.root={shards}",

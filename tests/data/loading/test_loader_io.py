@@ -148,6 +148,8 @@ def _edit_manifest(manifest: str, edit) -> None:
     (lambda d, m: _edit_manifest(m, lambda b: b["shards"][1].update(samples=121)), "000001.tar holds 120 samples"),
     (lambda d, m: _edit_manifest(m, lambda b: b.update(complete=False)), "did not finish"),
     (lambda d, m: open(os.path.join(d, "digits-train-000000.idx"), "w").write("not an index\n"), "not a DALI v1.2"),
+    (lambda d, m: _edit_manifest(m, lambda b: b["shards"][0].update(name="../base/x.tar")), "not a plain NAME.tar"),
+    (lambda d, m: _edit_manifest(m, lambda b: b.update(dataset="../digits")), "invalid dataset name"),
 ])
 def test_shards_that_do_not_match_the_manifest_fail_before_training(good_split, damage, message):
     damage(os.path.dirname(good_split), good_split)

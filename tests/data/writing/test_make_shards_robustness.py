@@ -217,3 +217,10 @@ def test_splits_converted_concurrently_into_one_folder(tmp_path):
     result = run_tool("digits", "--out", str(tmp_path), "--verify-only")
     assert result.returncode == 0, result.stderr
     assert not (tmp_path / "_partial").exists()
+
+
+def test_a_dataset_name_that_leaves_the_output_folder_is_refused(tmp_path):
+    make_image_folder(str(tmp_path / "src"))
+    proc = run_tool("folder", "--name", "../escaped", "--src", str(tmp_path / "src"), "--out", str(tmp_path / "out"))
+    assert proc.returncode == 2 and "invalid --name '../escaped'" in proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
