@@ -10,7 +10,11 @@ counts, logs, or stops (strict).
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
+
+from pipeline.worker_lifetime import die_with_parent
 
 from ..image_bytes import CorruptImage, check_png, encode_pixels, jpeg_components, sniff
 from ..shard_format import UNLABELED, parse_label
@@ -39,8 +43,12 @@ class BatchSource:
         self.reader, self.num_classes, self.undecodable = reader, num_classes, undecodable
         # plain numpy columns of the ShardIndex (not the index itself: workers need no keys, fs or manifest)
         self.columns = index_columns
+        self.parent_pid, self.bound_to_parent = os.getpid(), False  # built in the loader's process
 
     def __call__(self, info):
+        if not self.bound_to_parent:  # the first call in this worker process
+            die_with_parent(self.parent_pid)
+            self.bound_to_parent = True
         epoch, position = self.order.locate(self.start_epoch, self.start_position, info.iteration)
         rows, _ = self.order.batch(epoch, position)
         c = self.columns

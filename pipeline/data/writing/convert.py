@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import multiprocessing as mp
+import os
 import posixpath
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -20,6 +21,8 @@ from dataclasses import dataclass
 import fsspec
 import numpy as np
 from tqdm import tqdm
+
+from pipeline.worker_lifetime import die_with_parent
 
 from ..image_bytes import CorruptImage, encode_pixels, normalise_encoded
 from ..shard_format import (
@@ -300,7 +303,8 @@ def _run_pool(jobs, workers: int, bar, record) -> None:
     counter = ctx.Value("q", 0)
     _job_state["counter"] = counter
     seen = 0
-    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
+    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=die_with_parent,
+                             initargs=(os.getpid(),)) as pool:
         pending = {pool.submit(_pool_write, job) for job in jobs}
         try:
             while pending:

@@ -6,11 +6,14 @@ from __future__ import annotations
 import hashlib
 import io
 import multiprocessing as mp
+import os
 import posixpath
 import tarfile
 
 import fsspec
 from tqdm import tqdm
+
+from pipeline.worker_lifetime import die_with_parent
 
 from ..image_bytes import CorruptImage, decode_rgb
 from ..shard_format import IMAGE_EXTS, Manifest, ShardEntry, dali_index, index_name, parse_label, read_manifest
@@ -94,7 +97,7 @@ def verify(manifest_url: str, workers: int = 1, progress: bool = True) -> list[s
         if workers == 1 or fs.protocol in ("memory", ("memory",)):
             collect(map(_check, manifest.shards))
         else:
-            with mp.get_context("fork").Pool(workers) as pool:
+            with mp.get_context("fork").Pool(workers, initializer=die_with_parent, initargs=(os.getpid(),)) as pool:
                 collect(pool.imap(_check, manifest.shards))
     finally:
         bar.close()
