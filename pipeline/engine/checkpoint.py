@@ -74,10 +74,19 @@ class Checkpoints:
 
     # -- ownership ------------------------------------------------------------------------------------------------
     def claim(self) -> None:
-        """Refuse a run dir made by another experiment; otherwise record this one's fingerprint (rank 0)."""
+        """Refuse a run dir made by another experiment, or that cannot be one; otherwise record this one's
+        fingerprint (rank 0)."""
+        error = broadcast(self._claim() if self.rank == 0 else None)
+        if error:
+            raise RunDirError(error)
+
+    def _claim(self) -> str | None:
+        """Rank 0's part of claim(): the reason to refuse this run dir, or None once it holds our fingerprint."""
         path = self.run_dir / "experiment.json"
+        if self.run_dir.exists() and not self.run_dir.is_dir():
+            return f"run_dir={self.run_dir}: is a file, not a folder"
         error = None
-        if self.rank == 0:
+        try:
             if path.exists():
                 saved = json.loads(path.read_text())
                 if saved != self.fingerprint:
@@ -93,9 +102,12 @@ class Checkpoints:
                 tmp = path.with_suffix(".tmp")
                 tmp.write_text(json.dumps(self.fingerprint, indent=1, sort_keys=True))
                 tmp.replace(path)
-        error = broadcast(error)
-        if error:
-            raise RunDirError(error)
+        except (ValueError, AttributeError) as err:  # not JSON, or not a JSON object
+            error = (f"run dir {self.run_dir}: {path.name} is damaged ({err}); repair or remove it, or choose another "
+                     "run_dir")
+        except OSError as err:
+            error = f"run_dir={self.run_dir}: cannot be used ({err.strerror or err})"
+        return error
 
     # -- listing and verification ---------------------------------------------------------------------------------
     def complete_tags(self) -> list[str]:

@@ -104,6 +104,19 @@ def test_a_run_dir_of_another_experiment_is_refused(tmp_path):
         Checkpoints(foreign, {"experiment_name": "a"}).claim()
 
 
+def test_a_run_dir_that_cannot_be_one_is_refused_naming_why(tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(RunDirError, match="run_dir=.*file: is a file, not a folder"):
+        Checkpoints(tmp_path / "file", {"experiment_name": "a"}).claim()
+    with pytest.raises(RunDirError, match="cannot be used"):
+        Checkpoints(tmp_path / "file" / "below", {"experiment_name": "a"}).claim()
+    for damage in ("{not json", "[1, 2]"):
+        (tmp_path / "damaged").mkdir(exist_ok=True)
+        (tmp_path / "damaged" / "experiment.json").write_text(damage)
+        with pytest.raises(RunDirError, match="experiment.json is damaged.*repair or remove it"):
+            Checkpoints(tmp_path / "damaged", {"experiment_name": "a"}).claim()
+
+
 def test_verification_catches_truncated_corrupt_and_missing_files(tmp_path):
     ckpt = Checkpoints(tmp_path, {})
     folder = ckpt.dir / "step000000004"
