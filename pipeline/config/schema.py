@@ -168,6 +168,13 @@ class MonitorConfig:
 
 
 @dataclass
+class DistConfig:
+    # a collective that waits longer (a peer process or node died) fails the run instead of hanging; it must cover
+    # the slowest step between two collectives: a checkpoint, a kNN pass, DALI's start-up
+    timeout_s: float = greater_than(0.0, 600.0)
+
+
+@dataclass
 class TrainConfig:
     method: MethodConfig = MISSING
     data: DataConfig = MISSING
@@ -178,6 +185,7 @@ class TrainConfig:
     logger: LoggerConfig = MISSING
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
     experiment_name: str = "${method.name}_${data.dataset}"
     run_dir: str = "runs/${experiment_name}"
     seed: int = at_least(0, 0)

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 from omegaconf import DictConfig
@@ -51,8 +52,9 @@ def device_for(env: DistEnv) -> torch.device:
     return torch.device("cpu")
 
 
-def init_distributed(env: DistEnv) -> torch.device:
-    """Start the process group described by `env` (idempotent) and return this rank's device."""
+def init_distributed(env: DistEnv, timeout_s: float) -> torch.device:
+    """Start the process group described by `env` (idempotent) and return this rank's device. A collective that
+    waits longer than `timeout_s` (a peer died) raises instead of hanging for torch's default 30 minutes."""
     import deepspeed
     import torch.distributed as dist
 
@@ -60,6 +62,7 @@ def init_distributed(env: DistEnv) -> torch.device:
     if not dist.is_initialized():
         export(env)
         deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo",
+                                   timeout=timedelta(seconds=timeout_s),
                                    auto_mpi_discovery=False, rank=env.rank, world_size=env.world_size)
     return device
 

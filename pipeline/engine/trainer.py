@@ -84,7 +84,7 @@ class Trainer:
         check_values(cfg)  # the entry point checked already; a config built in code is checked here
         check_launch(cfg, self.env.world_size)
         check_shards(cfg.data, data_roles(cfg))
-        self.device = init_distributed(self.env)
+        self.device = init_distributed(self.env, cfg.dist.timeout_s)
         self.rank, self.world = self.env.rank, self.env.world_size
         self.dtype = DTYPES[cfg.deepspeed.precision]
         self.run_dir = Path(cfg.run_dir)
