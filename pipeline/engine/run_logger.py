@@ -26,6 +26,19 @@ def image_grid(rows: list[torch.Tensor], mean, std) -> np.ndarray:
     return torch.cat([torch.cat(list(p), dim=2) for p in pixels], dim=1).permute(1, 2, 0).numpy()
 
 
+def _drop_rows_after(path: Path, step: int) -> None:
+    """A resumed run re-does the steps after its checkpoint: their rows from the interrupted attempt go, so that
+    metrics.jsonl holds each step once (rewritten atomically)."""
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+    if len(kept) != len(lines):
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(kept))
+        tmp.replace(path)
+
+
 class RunLogger:
     def __init__(self, cfg: DictConfig, run_dir: Path, is_main: bool, run_id: str | None, total_steps: int,
                  start_step: int):
@@ -34,7 +47,9 @@ class RunLogger:
         if not is_main:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.jsonl = open(self.run_dir / "metrics.jsonl", "a")
+        metrics = self.run_dir / "metrics.jsonl"
+        _drop_rows_after(metrics, start_step)
+        self.jsonl = open(metrics, "a")
         if cfg.logger.wandb_mode != "disabled":
             import wandb
 

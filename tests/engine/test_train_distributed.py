@@ -48,11 +48,12 @@ def resume_overrides(shards: str, run_dir: str) -> list[str]:
 
 
 def losses(run_dir) -> dict[int, float]:
-    """step -> ssl loss, the last record of each step winning (a resumed run repeats the steps after its checkpoint)."""
+    """step -> ssl loss; each step has one record (a resumed run drops the rows of the steps it re-does)."""
     out = {}
     for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
         record = json.loads(line)
         if "ssl_loss" in record:
+            assert record["step"] not in out, f"step {record['step']} logged twice"
             out[record["step"]] = record["ssl_loss"]
     return out
 
