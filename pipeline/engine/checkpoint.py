@@ -165,8 +165,9 @@ class Checkpoints:
 
     # -- loading --------------------------------------------------------------------------------------------------
     def choose(self) -> dict | None:
-        """Rank 0 picks the newest tag that verifies (warning about each one skipped); every rank gets its
-        COMPLETE.json (with the tag added), or None."""
+        """Rank 0 picks the newest tag that verifies; each one skipped is moved aside (to `unusable-<tag>`, kept for
+        a look, no longer counted by keep_last nor overwritten when the run reaches its step again), with a warning.
+        Every rank gets the chosen COMPLETE.json (with the tag added), or None."""
         chosen = None
         if self.rank == 0:
             for tag in reversed(self.complete_tags()):
@@ -174,7 +175,11 @@ class Checkpoints:
                 if problem is None:
                     chosen = {**json.loads((self.dir / tag / MARKER).read_text()), "tag": tag}
                     break
-                log.warning("checkpoint %s is unusable (%s); falling back to the previous one", self.dir / tag, problem)
+                aside = self.dir / f"unusable-{tag}"
+                shutil.rmtree(aside, ignore_errors=True)
+                (self.dir / tag).rename(aside)
+                log.warning("checkpoint %s is unusable (%s); moved aside to %s, falling back to the previous one",
+                            self.dir / tag, problem, aside)
         return broadcast(chosen)
 
     def load_latest(self, engine) -> Restored | None:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.engine.checkpoint import Checkpoints
 from pipeline.engine.run_status import read_status
 from pipeline.engine.safe_load import safe_load
 from tests.helpers import REPO
@@ -82,6 +83,11 @@ def test_signals_checkpoint_and_exit_then_resume_the_same_wandb_run(shards, tmp_
     assert proc.returncode == 0, out[-4000:]
     assert f"checkpoint {newest.parent} is unusable" in out and "falling back to the previous one" in out
     assert f"resumed from {previous}" in out
+    # moved aside: no longer one of the last 3 kept, and not mixed into the checkpoint of its step written again
+    aside = newest.parent.parent / f"unusable-{newest.parent.name}"
+    assert aside.is_dir() and f"moved aside to {aside}" in out
+    kept = Checkpoints(run_dir, {}).complete_tags()
+    assert len(kept) == 3 and all(Checkpoints(run_dir, {}).verify(tag) is None for tag in kept)
 
 
 @pytest.mark.slow
