@@ -19,10 +19,11 @@ from pathlib import Path
 
 import hydra
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from pipeline.config import schema
 from pipeline.config.compose import VERSION_BASE, exit_if_bad_cli
+from pipeline.redact import redact_logs, redacted_config
 
 schema.register()
 PROTOCOLS = tuple(p.value for p in schema.Protocol)
@@ -93,12 +94,13 @@ def evaluate(cfg: DictConfig, encoder: torch.nn.Module | None = None) -> dict:
 def write_results(cfg: DictConfig, results: dict) -> Path:
     """The results with the resolved config, as JSON at `output` (default: beside the encoder); returns the path."""
     out = Path(cfg.output) if cfg.output else Path(results["encoder"]).parent / f"eval_{cfg.data.dataset}.json"
-    out.write_text(json.dumps({**results, "config": OmegaConf.to_container(cfg, resolve=True)}, indent=1))
+    out.write_text(json.dumps({**results, "config": redacted_config(cfg)}, indent=1))
     return out
 
 
 @hydra.main(config_path="../configs", config_name="evaluate", version_base=VERSION_BASE)
 def _app(cfg: DictConfig) -> None:
+    redact_logs()
     results = evaluate(cfg)
     out = write_results(cfg, results)
     print(f"{'protocol':<10}{'top-1':>8}{'top-5':>8}   ({results['encoder']}, {cfg.data.dataset}: "

@@ -23,6 +23,7 @@ from omegaconf import DictConfig
 from pipeline.config import schema
 from pipeline.config.compose import VERSION_BASE, exit_if_bad_cli
 from pipeline.exit_codes import BAD_CONFIG, BAD_DATA, NON_FINITE_LOSS, exit_with
+from pipeline.redact import redact, redact_logs
 
 schema.register()
 
@@ -34,10 +35,11 @@ def _app(cfg: DictConfig) -> None:
     from pipeline.engine.trainer import BadData, NonFiniteLoss, Trainer
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    redact_logs()
     try:
         status = Trainer(cfg).run()
     except ConfigError as err:
-        print(f"pipeline.train: {err}", file=sys.stderr)
+        print(f"pipeline.train: {redact(str(err))}", file=sys.stderr)
         exit_with(BAD_CONFIG)
     except NonFiniteLoss as err:
         logging.getLogger(__name__).error("%s", err)

@@ -25,6 +25,7 @@ from pipeline.data.shard_format import check_name, manifest_name
 from pipeline.data.writing.convert import ConversionError, ConvertOptions, convert
 from pipeline.data.writing.sources import SOURCES, SourceLayoutError, build_source
 from pipeline.data.writing.verify import verify
+from pipeline.redact import redact
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -77,9 +78,9 @@ def main(argv=None) -> int:
         for split in [] if args.verify_only else splits:
             source = build_source(args.dataset, args.src, split, devkit=args.devkit, val_csv=args.val_csv,
                                   fold=args.fold, labels=args.labels, name=args.name)
-            print(convert(source, args.out, opts, progress=not args.quiet), flush=True)
+            print(redact(str(convert(source, args.out, opts, progress=not args.quiet))), flush=True)
     except (ConversionError, SourceLayoutError, ValueError) as err:
-        print(f"make_shards: error: {err}", file=sys.stderr)
+        print(f"make_shards: error: {redact(str(err))}", file=sys.stderr)
         return 2
     if not (args.verify or args.verify_only):
         return 0

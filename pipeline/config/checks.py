@@ -101,6 +101,8 @@ def check_shards(data: DictConfig, roles: tuple[str, ...] = ("train", "bank", "t
                               f"tools/make_shards.py, or set data.root)") from None
         except (OSError, ValueError) as err:
             raise ConfigError(f"data.{role}_split: cannot read {url}: {err}") from None
+        except ImportError as err:  # fsspec names the package its protocol needs
+            raise ConfigError(f"data.root={data.root}: {err} (pip install '.[s3]' or '.[gcs]')") from None
         if manifest.dataset != data.dataset:
             raise ConfigError(f"data.dataset={data.dataset}: the shards at {url} are of dataset {manifest.dataset!r}")
         if role == "train" and manifest.num_samples < data.batch_size:

@@ -21,6 +21,7 @@ from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBase
 from pipeline.config import schema
 from pipeline.config.checks import ConfigError, check_launch, check_shards, check_values, data_roles
 from pipeline.exit_codes import BAD_CONFIG, exit_with
+from pipeline.redact import redact
 
 CONFIG_DIR = str(Path(__file__).resolve().parents[2] / "configs")
 VERSION_BASE = "1.3"
@@ -136,5 +137,5 @@ def exit_if_bad_cli(config_name: str, program: str) -> None:
     the reason."""
     problem = precheck_cli(config_name, sys.argv[1:])
     if problem:
-        print(f"{program}: {problem}", file=sys.stderr)
+        print(f"{program}: {redact(problem)}", file=sys.stderr)
         exit_with(BAD_CONFIG)

@@ -14,7 +14,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
+
+from pipeline.redact import redacted_config
 
 
 def image_grid(rows: list[torch.Tensor], mean, std) -> np.ndarray:
@@ -57,7 +59,7 @@ class RunLogger:
                 project=cfg.logger.project, entity=cfg.logger.entity, group=cfg.logger.group,
                 tags=list(cfg.logger.tags), name=cfg.experiment_name, id=run_id, resume="allow",
                 dir=str(self.run_dir), mode=cfg.logger.wandb_mode,
-                config=OmegaConf.to_container(cfg, resolve=True),
+                config=redacted_config(cfg),
                 settings=wandb.Settings(console="off", silent=True, disable_git=True, save_code=False))
             self.run_id = self.wandb.id
         if cfg.logger.progress_bar:

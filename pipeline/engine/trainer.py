@@ -43,6 +43,7 @@ from pipeline.engine.stop_signals import StopSignals
 from pipeline.evaluation.features import features
 from pipeline.evaluation.knn import KNNMonitor
 from pipeline.methods import METHODS, method_for
+from pipeline.redact import redacted_config
 
 log = logging.getLogger(__name__)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -115,7 +116,7 @@ class Trainer:
                               "(or resume)")
         self.logger = RunLogger(cfg, self.run_dir, self.rank == 0, self.wandb_id, self.total_steps, self.step)
         if self.rank == 0:
-            OmegaConf.save(cfg, self.run_dir / "config.yaml", resolve=True)
+            OmegaConf.save(OmegaConf.create(redacted_config(cfg)), self.run_dir / "config.yaml")
 
     # -- checkpoints ----------------------------------------------------------------------------------------------
     def _resume(self) -> None:
