@@ -21,6 +21,7 @@ import posixpath
 import sys
 
 from pipeline.data.datasets import DATASETS
+from pipeline.data.image_bytes import MAX_PIXELS
 from pipeline.data.shard_format import check_name, manifest_name
 from pipeline.data.writing.convert import ConversionError, ConvertOptions, convert
 from pipeline.data.writing.sources import SOURCES, SourceLayoutError, build_source
@@ -48,6 +49,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="verify the existing output without converting anything (a plain re-run instead rewrites "
                         "shards whose checksum no longer matches)")
     p.add_argument("--strict", action="store_true", help="fail on a corrupt image instead of skipping and reporting it")
+    p.add_argument("--max-pixels", type=int, default=MAX_PIXELS,
+                   help=f"refuse (report) an image whose header claims more pixels (default {MAX_PIXELS:,})")
     p.add_argument("--overwrite", action="store_true", help="replace existing shards of this dataset/split")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     g = p.add_argument_group("dataset options")
@@ -74,7 +77,7 @@ def main(argv=None) -> int:
         opts = ConvertOptions(samples_per_shard=args.samples_per_shard, max_shard_bytes=int(args.shard_bytes),
                               workers=args.workers, shuffle=not args.no_shuffle, seed=args.seed,
                               image_format=args.format, jpeg_quality=args.quality, strict=args.strict,
-                              overwrite=args.overwrite)
+                              overwrite=args.overwrite, max_pixels=args.max_pixels)
         for split in [] if args.verify_only else splits:
             source = build_source(args.dataset, args.src, split, devkit=args.devkit, val_csv=args.val_csv,
                                   fold=args.fold, labels=args.labels, name=args.name)

@@ -13,6 +13,9 @@ from PIL import Image
 
 JPEG_MAGIC = b"\xff\xd8\xff"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+# An image whose header claims more pixels is refused without decoding (a decompression bomb: an 800-byte JPEG
+# can claim 20000 x 20000 and make a decoder allocate gigabytes). PIL's own default limit.
+MAX_PIXELS = 178_956_970
 # Start-of-frame markers (baseline, extended, progressive, lossless, arithmetic); not DHT (C4), JPG (C8) or DAC (CC).
 _SOF_MARKERS = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
 
@@ -30,9 +33,9 @@ def sniff(data: bytes) -> str | None:
     return None
 
 
-def jpeg_components(data: bytes) -> int:
+def jpeg_components(data: bytes, max_pixels: int = MAX_PIXELS) -> int:
     """Colour components of a JPEG (1 grey, 3 YCbCr, 4 CMYK/YCCK), read from its SOF header; checks it is not
-    truncated."""
+    truncated and that its frame is within `max_pixels`."""
     pos = 2
     n = len(data)
     components = None
@@ -48,6 +51,7 @@ def jpeg_components(data: bytes) -> int:
             if pos + 10 > n:
                 break
             components = data[pos + 9]
+            check_pixels(data[pos + 7] << 8 | data[pos + 8], data[pos + 5] << 8 | data[pos + 6], max_pixels)
         if marker == 0xDA:  # start of scan: entropy-coded data follows, ended by EOI
             if components is None:
                 raise CorruptImage("JPEG has no frame header before its scan")
@@ -58,10 +62,17 @@ def jpeg_components(data: bytes) -> int:
     raise CorruptImage("JPEG is truncated in its headers")
 
 
-def check_png(data: bytes) -> None:
-    """A PNG is whole when its IEND chunk is present at the end."""
+def check_png(data: bytes, max_pixels: int = MAX_PIXELS) -> None:
+    """A PNG is whole when its IEND chunk is present at the end; its IHDR (bytes 16-24) gives its size."""
     if b"IEND" not in data[-16:]:
         raise CorruptImage("PNG is truncated (no IEND chunk)")
+    check_pixels(int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big"), max_pixels)
+
+
+def check_pixels(width: int, height: int, max_pixels: int) -> None:
+    if width * height > max_pixels:
+        raise CorruptImage(f"header claims {width}x{height} pixels, over the limit of {max_pixels} "
+                           "(a decompression bomb?)")
 
 
 def encode_pixels(pixels: np.ndarray, fmt: str, quality: int = 95) -> bytes:
@@ -79,17 +90,21 @@ def encode_pixels(pixels: np.ndarray, fmt: str, quality: int = 95) -> bytes:
     return buf.getvalue()
 
 
-def decode_rgb(data: bytes) -> np.ndarray:
-    """Fully decodes any image PIL reads into an HxWx3 uint8 array (CMYK and palettes converted to RGB)."""
+def decode_rgb(data: bytes, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """Fully decodes any image PIL reads into an HxWx3 uint8 array (CMYK and palettes converted to RGB), unless it
+    claims more than `max_pixels`."""
     try:
         with Image.open(io.BytesIO(data)) as image:
+            check_pixels(*image.size, max_pixels)
             image.load()
             return np.asarray(image.convert("RGB"))
+    except CorruptImage:
+        raise
     except Exception as err:  # PIL raises many types for broken files
         raise CorruptImage(f"cannot decode image: {err}") from err
 
 
-def normalise_encoded(data: bytes) -> tuple[str, bytes, str | None]:
+def normalise_encoded(data: bytes, max_pixels: int = MAX_PIXELS) -> tuple[str, bytes, str | None]:
     """Turns a source file's bytes into what a shard stores: (ext, bytes, note).
 
     JPEG and PNG are kept byte for byte (the extension follows the real format, not the file name). A CMYK/YCCK JPEG
@@ -98,10 +113,10 @@ def normalise_encoded(data: bytes) -> tuple[str, bytes, str | None]:
     """
     kind = sniff(data)
     if kind == "jpg":
-        if jpeg_components(data) == 4:
-            return "png", encode_pixels(decode_rgb(data), "png"), "CMYK JPEG converted to RGB PNG"
+        if jpeg_components(data, max_pixels) == 4:
+            return "png", encode_pixels(decode_rgb(data, max_pixels), "png"), "CMYK JPEG converted to RGB PNG"
         return "jpg", data, None
     if kind == "png":
-        check_png(data)
+        check_png(data, max_pixels)
         return "png", data, None
-    return "png", encode_pixels(decode_rgb(data), "png"), "non-JPEG/PNG image converted to PNG"
+    return "png", encode_pixels(decode_rgb(data, max_pixels), "png"), "non-JPEG/PNG image converted to PNG"

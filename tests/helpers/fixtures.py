@@ -189,3 +189,14 @@ def make_image_folder(root: str) -> dict[str, tuple[np.ndarray, int]]:
             Image.fromarray(pixels).save(os.path.join(root, cls, f"{cls}{j}.{ext}"), **options)
             truth[f"{cls}{j}"] = (pixels, label)
     return truth
+
+
+def bomb_image(kind: str, width: int = 20000, height: int = 20000) -> bytes:
+    """A small, structurally whole JPEG or PNG whose header claims `width` x `height` pixels: a decompression bomb."""
+    data = bytearray(_jpeg(np.zeros((8, 8, 3), np.uint8)) if kind == "jpg" else _png(np.zeros((8, 8, 3), np.uint8)))
+    if kind == "png":  # IHDR: width and height at bytes 16-24
+        data[16:24] = width.to_bytes(4, "big") + height.to_bytes(4, "big")
+        return bytes(data)
+    sof = next(i for i in range(2, len(data) - 1) if data[i] == 0xFF and data[i + 1] in (0xC0, 0xC2))
+    data[sof + 5 : sof + 9] = height.to_bytes(2, "big") + width.to_bytes(2, "big")
+    return bytes(data)

@@ -16,7 +16,7 @@ import numpy as np
 
 from pipeline.worker_lifetime import die_with_parent
 
-from ..image_bytes import CorruptImage, check_png, encode_pixels, jpeg_components, sniff
+from ..image_bytes import MAX_PIXELS, CorruptImage, check_png, encode_pixels, jpeg_components, sniff
 from ..shard_format import UNLABELED, parse_label
 from .sample_order import SampleOrder
 
@@ -25,22 +25,24 @@ STATUS_TEXT = {CORRUPT_IMAGE: "corrupt image", BAD_LABEL: "bad label"}
 PLACEHOLDER = np.frombuffer(encode_pixels(np.full((8, 8, 3), 128, np.uint8), "png"), np.uint8)
 
 
-def check_image(data: bytes) -> None:
-    """Cheap structural check (no decode): a JPEG with its headers and end marker, or a PNG ending in IEND."""
+def check_image(data: bytes, max_pixels: int) -> None:
+    """Cheap structural check (no decode): a JPEG with its headers and end marker, or a PNG ending in IEND, whose
+    header claims at most `max_pixels`."""
     kind = sniff(data)
     if kind == "jpg":
-        jpeg_components(data)
+        jpeg_components(data, max_pixels)
     elif kind == "png":
-        check_png(data)
+        check_png(data, max_pixels)
     else:
         raise CorruptImage("neither JPEG nor PNG")
 
 
 class BatchSource:
     def __init__(self, order: SampleOrder, start_epoch: int, start_position: int, reader, index_columns: dict,
-                 num_classes: int, undecodable: frozenset[int] = frozenset()):
+                 num_classes: int, undecodable: frozenset[int] = frozenset(), max_pixels: int = MAX_PIXELS):
         self.order, self.start_epoch, self.start_position = order, start_epoch, start_position
         self.reader, self.num_classes, self.undecodable = reader, num_classes, undecodable
+        self.max_pixels = max_pixels
         # plain numpy columns of the ShardIndex (not the index itself: workers need no keys, fs or manifest)
         self.columns = index_columns
         self.parent_pid, self.bound_to_parent = os.getpid(), False  # built in the loader's process
@@ -61,7 +63,7 @@ class BatchSource:
             try:
                 if row in self.undecodable:
                     raise CorruptImage("the decoder failed on it before")
-                check_image(image)
+                check_image(image, self.max_pixels)
             except CorruptImage:
                 status[i], image = CORRUPT_IMAGE, PLACEHOLDER
             try:

@@ -181,7 +181,7 @@ class ShardLoader:
             for row, span in zip(rows, spans):
                 start = c.image_offset[row]
                 try:
-                    decode_rgb(span[start : start + c.image_size[row]])
+                    decode_rgb(span[start : start + c.image_size[row]], self.tuning.max_pixels)
                 except CorruptImage:
                     found.add(int(row))
         found -= self._undecodable
@@ -219,7 +219,7 @@ class ShardLoader:
         cfg, gpu = self.tuning, self.device.type == "cuda"
         source = BatchSource(self.order, self.epoch, self.position, self._reader(),
                              {k: getattr(self.index, k) for k in _COLUMNS}, len(self.index.manifest.classes),
-                             frozenset(self._undecodable))
+                             frozenset(self._undecodable), self.tuning.max_pixels)
         views, info, size = self.views, self.info, self.image_size
         out = Output(self.mean, self.std, cfg.channels_last, half=cfg.dtype == "float16")
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 from pipeline.config.fields import at_least, in_range, matching, problems
+from pipeline.data.image_bytes import MAX_PIXELS
 
 
 class Dtype(StrEnum):
@@ -41,6 +42,7 @@ class LoaderTuning:
     prefetch: int = at_least(1, 2)  # batches read and processed ahead of the training step
     io: ReadIO = ReadIO.auto  # how shard bytes are read
     strict: bool = False  # a corrupt image or a sample without a label stops the run instead of being skipped
+    max_pixels: int = at_least(1, MAX_PIXELS)  # an image whose header claims more is unusable, never decoded
 
 
 @dataclass

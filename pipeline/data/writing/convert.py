@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from pipeline.worker_lifetime import die_with_parent
 
-from ..image_bytes import CorruptImage, encode_pixels, normalise_encoded
+from ..image_bytes import MAX_PIXELS, CorruptImage, encode_pixels, normalise_encoded
 from ..shard_format import (
     Manifest,
     ShardEntry,
@@ -57,12 +57,13 @@ class ConvertOptions:
     jpeg_quality: int = 95
     strict: bool = False
     overwrite: bool = False
+    max_pixels: int = MAX_PIXELS  # an image whose header claims more is refused (reported), never decoded
 
     def __post_init__(self):
         if self.samples_per_shard < 1:
             raise ConversionError("samples per shard must be at least 1")
-        if self.max_shard_bytes < 0 or self.workers < 1:
-            raise ConversionError("shard bytes must be >= 0 and workers >= 1")
+        if self.max_shard_bytes < 0 or self.workers < 1 or self.max_pixels < 1:
+            raise ConversionError("shard bytes must be >= 0, workers and max pixels >= 1")
         if self.image_format not in ("png", "jpg"):
             raise ConversionError(f"image format must be png or jpg, not {self.image_format!r}")
         if not 1 <= self.jpeg_quality <= 100:
@@ -150,7 +151,7 @@ def _encode(source: Source, i: int, opts: ConvertOptions):
     record = source.read(i)
     if isinstance(record.payload, np.ndarray):
         return record, opts.image_format, encode_pixels(record.payload, opts.image_format, opts.jpeg_quality), None
-    return (record, *normalise_encoded(record.payload))
+    return (record, *normalise_encoded(record.payload, opts.max_pixels))
 
 
 def write_shard(shard_index: int, samples: list[int], tick=None) -> tuple[ShardEntry, list[dict]]:

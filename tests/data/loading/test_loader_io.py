@@ -17,6 +17,7 @@ import torch
 from pipeline.data.loading.loader import BadSampleError, ShardLoader
 from pipeline.data.loading.loader_config import LoaderConfig
 from pipeline.data.loading.shard_index import ShardError
+from tests.helpers.fixtures import bomb_image
 from tests.helpers.loader_data import DIGIT_CLASSES, digits_samples, labelled, make_loader, write_split
 
 SIZES = [5, 400, 3, 300, 730]
@@ -124,6 +125,17 @@ def test_an_image_that_only_the_decoder_finds_corrupt_is_skipped_too(tmp_path):
     with pytest.raises(BadSampleError, match="digits-train-000000.tar/scrambled: image does not decode"):
         list(strict)
     strict.close()
+
+
+def test_a_decompression_bomb_is_an_unusable_sample_never_decoded(tmp_path):
+    good = digits_samples()[:64]
+    bombs = [labelled("bomb_jpg", bomb_image("jpg"), 1, "jpg"), labelled("bomb_png", bomb_image("png"), 2)]
+    manifest = write_split(str(tmp_path), "digits", "train", good[:10] + bombs + good[10:], [66], DIGIT_CLASSES)
+    loader = make_loader(manifest, shuffle=False, batch_size=66)
+    (batch,) = list(loader)
+    assert [k for k, ok in zip(batch.keys, batch.valid.tolist()) if not ok] == ["bomb_jpg", "bomb_png"]
+    assert batch.bad == 2 and loader.stats["corrupt image"] == 2
+    loader.close()
 
 
 @pytest.fixture

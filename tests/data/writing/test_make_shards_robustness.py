@@ -17,7 +17,7 @@ from pipeline.data.shard_format import index_name, read_manifest
 from pipeline.data.writing.convert import ConversionError, ConvertOptions, convert
 from pipeline.data.writing.sources import build_source
 from tests.helpers import REPO
-from tests.helpers.fixtures import make_image_folder, make_imagenet_train, make_stl10
+from tests.helpers.fixtures import bomb_image, make_image_folder, make_imagenet_train, make_stl10
 from tests.helpers.shard_reading import pixels, read_samples
 
 TOOL = str(REPO / "tools" / "make_shards.py")
@@ -224,3 +224,19 @@ def test_a_dataset_name_that_leaves_the_output_folder_is_refused(tmp_path):
     proc = run_tool("folder", "--name", "../escaped", "--src", str(tmp_path / "src"), "--out", str(tmp_path / "out"))
     assert proc.returncode == 2 and "invalid --name '../escaped'" in proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+def test_decompression_bombs_are_refused_without_decoding(tmp_path):
+    truth = make_image_folder(str(tmp_path / "src"))
+    (tmp_path / "src" / "cats" / "bomb.jpg").write_bytes(bomb_image("jpg"))
+    (tmp_path / "src" / "dogs" / "bomb2.png").write_bytes(bomb_image("png"))
+    assert len(bomb_image("jpg")) < 1000
+    result = run_tool("folder", "--src", str(tmp_path / "src"), "--out", str(tmp_path / "out"), "--verify")
+    assert result.returncode == 0, result.stderr
+    report = [json.loads(line) for line in (tmp_path / "out" / "folder-train.report.jsonl").read_text().splitlines()]
+    skipped = {r["key"]: r["reason"] for r in report if r["action"] == "skipped"}
+    assert set(skipped) == {"bomb", "bomb2"}
+    assert all("20000x20000 pixels, over the limit" in reason for reason in skipped.values())
+    assert read_manifest(str(tmp_path / "out" / "folder-train.manifest.json")).num_samples == len(truth)
+    lower = run_tool("folder", "--src", str(tmp_path / "src"), "--out", str(tmp_path / "small"), "--max-pixels", "479")
+    assert lower.returncode == 2 and "every one of its 8 samples failed" in lower.stderr  # 20x24 = 480 is over too
