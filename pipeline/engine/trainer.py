@@ -40,6 +40,7 @@ from pipeline.engine.deepspeed_engine import BatchGeometry, build_engine, init_d
 from pipeline.engine.export import encoder_state, save_encoder
 from pipeline.engine.run_logger import RunLogger, image_grid
 from pipeline.engine.stop_signals import StopSignals
+from pipeline.engine.watchdog import Watchdog
 from pipeline.evaluation.features import features
 from pipeline.evaluation.knn import KNNMonitor
 from pipeline.methods import METHODS, method_for
@@ -140,7 +141,8 @@ class Trainer:
         def export(folder: Path) -> None:
             self._export(folder / "encoder.safetensors")
 
-        folder = self.checkpoints.save(self.engine, self.step, client_state, extras=export)
+        with self.watchdog.paused():
+            folder = self.checkpoints.save(self.engine, self.step, client_state, extras=export)
         self.last_saved = self.step
         self.loader.close()  # restart the input stream here, as a resumed run would (see the module docstring)
         return folder
@@ -156,10 +158,11 @@ class Trainer:
         bank, test = (loader_for(data, role, EVAL_VIEWS, self.geometry.micro_batch, self.rank, self.world,
                                  shuffle=False) for role in ("bank", "test"))
         monitor = KNNMonitor(len(bank.index.manifest.classes), k=mon.knn_k, temperature=mon.knn_temperature)
-        for loader, add in ((bank, monitor.add_bank), (test, monitor.add_queries)):
-            add(*features(self.method.encoder, loader, self.dtype))
-            loader.close()
-        return monitor.compute()
+        with self.watchdog.paused():  # its collectives run under the process group's timeout
+            for loader, add in ((bank, monitor.add_bank), (test, monitor.add_queries)):
+                add(*features(self.method.encoder, loader, self.dtype))
+                loader.close()
+            return monitor.compute()
 
     # -- the loop -------------------------------------------------------------------------------------------------
     def run(self) -> str:
@@ -175,6 +178,8 @@ class Trainer:
                                         attempt_started=started, reason=reason, exit_code=exit_code)
 
         record("running")
+        self.watchdog = Watchdog(self.cfg.dist.timeout_s,
+                                 lambda reason: record("failed", reason, exit_codes.ERROR)).start()
         try:
             while self.step < self.total_steps and status == "done":
                 status = self._epoch(signals)
@@ -186,7 +191,8 @@ class Trainer:
                 if self.cfg.monitor.knn_every_epochs > 0:
                     self._log_knn()
                 if self.cfg.export_encoder:
-                    self._export(self.run_dir / "encoder.safetensors")
+                    with self.watchdog.paused():
+                        self._export(self.run_dir / "encoder.safetensors")
         except NonFiniteLoss as err:
             record("failed", str(err), exit_codes.NON_FINITE_LOSS)
             raise
@@ -197,6 +203,7 @@ class Trainer:
             record("failed", f"{type(err).__name__}: {err}", exit_codes.ERROR)
             raise
         finally:
+            self.watchdog.stop()
             signals.uninstall()
             self.loader.close()
             self.logger.finish()
@@ -238,6 +245,7 @@ class Trainer:
                                     f"{last if last is not None else 'none'}")
             engine.backward(loss)
             engine.step()
+            self.watchdog.beat()
             for k, v in metrics.items():
                 accumulated[k] = accumulated.get(k, 0) + v.detach().float() / self.ga
             self.micro += 1
