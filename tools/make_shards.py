@@ -17,6 +17,7 @@ Re-running resumes (complete shards are checked and skipped). Exit status: 0 don
 from __future__ import annotations
 
 import argparse
+import errno
 import posixpath
 import sys
 
@@ -68,6 +69,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def describe_os_error(err: OSError) -> str:
+    """`--out: /x/y: File exists` style: what failed, on which path, and for a full disk what is kept."""
+    where = f"{err.filename}: " if err.filename else ""
+    if err.errno == errno.ENOSPC:
+        return (f"{where}no space left on the device; the shards written so far are kept, and re-running the same "
+                "command resumes after them")
+    if err.errno == errno.ENOTDIR:
+        return f"{where}is not a folder (--src and --out name folders)"
+    if err.errno == errno.EEXIST:
+        return f"{where}exists and is not a folder (--out names a folder)"
+    return f"{where}{err.strerror or err}"
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     dataset = (args.name or "folder") if args.dataset == "folder" else args.dataset
@@ -84,6 +98,9 @@ def main(argv=None) -> int:
             print(redact(str(convert(source, args.out, opts, progress=not args.quiet))), flush=True)
     except (ConversionError, SourceLayoutError, ValueError) as err:
         print(f"make_shards: error: {redact(str(err))}", file=sys.stderr)
+        return 2
+    except OSError as err:  # the filesystem said no: one line, not a traceback
+        print(f"make_shards: error: {redact(describe_os_error(err))}", file=sys.stderr)
         return 2
     if not (args.verify or args.verify_only):
         return 0

@@ -240,3 +240,17 @@ def test_decompression_bombs_are_refused_without_decoding(tmp_path):
     assert read_manifest(str(tmp_path / "out" / "folder-train.manifest.json")).num_samples == len(truth)
     lower = run_tool("folder", "--src", str(tmp_path / "src"), "--out", str(tmp_path / "small"), "--max-pixels", "479")
     assert lower.returncode == 2 and "every one of its 8 samples failed" in lower.stderr  # 20x24 = 480 is over too
+
+
+def test_filesystem_refusals_are_one_line_and_exit_2(tmp_path):
+    (tmp_path / "a_file").write_text("")
+    (tmp_path / "dangling" / "cats").mkdir(parents=True)
+    (tmp_path / "dangling" / "cats" / "x.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    cases = [(("folder", "--src", str(tmp_path / "a_file"), "--out", str(tmp_path / "o1")), "is not a folder"),
+             (("digits", "--out", str(tmp_path / "a_file")), "exists and is not a folder"),
+             (("folder", "--src", str(tmp_path / "dangling"), "--out", str(tmp_path / "o2")),
+              "x.jpg: No such file or directory")]
+    for args, says in cases:
+        proc = run_tool(*args)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1 and says in lines[0], proc.stderr
