@@ -12,37 +12,21 @@ Each raises ConfigError with one line: the key, the value and what is allowed.
 
 from __future__ import annotations
 
-import dataclasses
+from omegaconf import DictConfig, OmegaConf
 
-from omegaconf import DictConfig, ListConfig, OmegaConf
-
-from pipeline.config.fields import problem
+from pipeline.config.fields import problems
 
 
 class ConfigError(ValueError):
     """A config that does not compose or holds a value that is not allowed, said in terms of config keys."""
 
 
-def _walk(node: DictConfig, path: str = ""):
-    """(full key, field, value) of every schema field under `node` that carries a constraint."""
-    schema = OmegaConf.get_type(node)
-    fields = {f.name: f for f in dataclasses.fields(schema)} if dataclasses.is_dataclass(schema) else {}
-    for key in node.keys():
-        full_key = f"{path}.{key}" if path else str(key)
-        child = node[key]
-        if isinstance(child, DictConfig):
-            yield from _walk(child, full_key)
-        elif key in fields and fields[key].metadata and not isinstance(child, ListConfig):
-            yield full_key, fields[key], child
-
-
 def check_values(cfg: DictConfig) -> None:
     from pipeline.methods import METHODS
 
-    for full_key, f, value in _walk(cfg):
-        why = problem(f, value)
-        if why:
-            raise ConfigError(f"{full_key}={value}: {why}")
+    found = problems(OmegaConf.to_object(cfg))  # the schema dataclasses, with their fields' constraints
+    if found:
+        raise ConfigError(found[0])
     if "method" in cfg and cfg.method.name not in METHODS:
         raise ConfigError(f"method.name={cfg.method.name}: must be one of {', '.join(sorted(METHODS))}")
     if "deepspeed" in cfg:
