@@ -1,10 +1,11 @@
 """Nothing hangs forever: a thread that ends the process when training stops making progress.
 
 The process group's timeout (dist.timeout_s) covers collectives that go through torch.distributed, but not every
-wait can time out: DeepSpeed's shared-memory all-reduce on the CPU spins on a peer that stopped answering, and a
-loader whose worker process was killed waits for a batch that never comes. The trainer beats the watchdog at every
-micro-step; when no beat comes for `timeout_s`, the watchdog calls `on_expire` (which records the failure) and ends
-the process with exit status 1. Long phases that are not steps (a checkpoint, a kNN pass) pause it.
+wait can time out: a loader whose worker process was killed waits for a batch that never comes, and a rank whose
+peer froze was once seen here (on a loaded 2-core machine) still blocked well past the group's timeout. The
+trainer beats the watchdog at every micro-step; when no beat comes for `timeout_s`, the watchdog calls `on_expire`
+(which records the failure) and ends the process with exit status 1. Long phases that are not steps (a checkpoint, a
+kNN pass) pause it.
 """
 
 from __future__ import annotations
