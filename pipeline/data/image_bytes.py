@@ -33,12 +33,12 @@ def sniff(data: bytes) -> str | None:
     return None
 
 
-def jpeg_components(data: bytes, max_pixels: int = MAX_PIXELS) -> int:
-    """Colour components of a JPEG (1 grey, 3 YCbCr, 4 CMYK/YCCK), read from its SOF header; checks it is not
-    truncated and that its frame is within `max_pixels`."""
+def jpeg_frame(data: bytes, max_pixels: int = MAX_PIXELS) -> tuple[int, int, int]:
+    """(colour components (1 grey, 3 YCbCr, 4 CMYK/YCCK), height, width) of a JPEG, read from its SOF header; checks
+    it is not truncated and that its frame is within `max_pixels`."""
     pos = 2
     n = len(data)
-    components = None
+    components = height = width = None
     while pos + 4 <= n:  # runs once per segment of every image converted: plain indexing, no slices
         if data[pos] != 0xFF:
             raise CorruptImage(f"JPEG marker expected at byte {pos}")
@@ -51,22 +51,26 @@ def jpeg_components(data: bytes, max_pixels: int = MAX_PIXELS) -> int:
             if pos + 10 > n:
                 break
             components = data[pos + 9]
-            check_pixels(data[pos + 7] << 8 | data[pos + 8], data[pos + 5] << 8 | data[pos + 6], max_pixels)
+            height, width = data[pos + 5] << 8 | data[pos + 6], data[pos + 7] << 8 | data[pos + 8]
+            check_pixels(width, height, max_pixels)
         if marker == 0xDA:  # start of scan: entropy-coded data follows, ended by EOI
             if components is None:
                 raise CorruptImage("JPEG has no frame header before its scan")
             if data.rfind(b"\xff\xd9", pos) < 0:
                 raise CorruptImage("JPEG is truncated (no end-of-image marker)")
-            return components
+            return components, height, width
         pos += 2 + length
     raise CorruptImage("JPEG is truncated in its headers")
 
 
-def check_png(data: bytes, max_pixels: int = MAX_PIXELS) -> None:
-    """A PNG is whole when its IEND chunk is present at the end; its IHDR (bytes 16-24) gives its size."""
+def png_frame(data: bytes, max_pixels: int = MAX_PIXELS) -> tuple[int, int]:
+    """(height, width) of a PNG, from its IHDR (bytes 16-24); checks that it is whole (its IEND chunk is present at the
+    end) and within `max_pixels`."""
     if b"IEND" not in data[-16:]:
         raise CorruptImage("PNG is truncated (no IEND chunk)")
-    check_pixels(int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big"), max_pixels)
+    width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    check_pixels(width, height, max_pixels)
+    return height, width
 
 
 def check_pixels(width: int, height: int, max_pixels: int) -> None:
@@ -113,10 +117,10 @@ def normalise_encoded(data: bytes, max_pixels: int = MAX_PIXELS) -> tuple[str, b
     """
     kind = sniff(data)
     if kind == "jpg":
-        if jpeg_components(data, max_pixels) == 4:
+        if jpeg_frame(data, max_pixels)[0] == 4:
             return "png", encode_pixels(decode_rgb(data, max_pixels), "png"), "CMYK JPEG converted to RGB PNG"
         return "jpg", data, None
     if kind == "png":
-        check_png(data, max_pixels)
+        png_frame(data, max_pixels)
         return "png", data, None
     return "png", encode_pixels(decode_rgb(data, max_pixels), "png"), "non-JPEG/PNG image converted to PNG"

@@ -8,9 +8,9 @@ optimizer and the schedule at accumulation boundaries). Per optimizer step: metr
 Per epoch: the kNN monitor every `knn_every_epochs`. At the end: a last checkpoint, kNN, and the exported encoder.
 
 Resume: the newest usable checkpoint in run_dir restores weights, optimizer, schedule, RNG, the loader position and
-the W&B run id. After every checkpoint the loader restarts its input stream at its position, exactly as a resumed
-run starts one there, so that an interrupted-and-resumed run sees the same augmentations and computes the same
-losses as an uninterrupted one (bit for bit on the CPU at the same world size).
+the W&B run id. Every augmentation is a function of (seed, epoch, sample) (pipeline/data/loading/augmentations.py),
+so a run resumed from any checkpoint, at any world size, sees the views an uninterrupted run sees, and at the same
+world size computes the same losses (bit for bit on the CPU); the input stream runs on through checkpoints.
 
 Exit: returns "done" or "stopped" (a SIGTERM/SIGUSR1 made it checkpoint and stop); raises NonFiniteLoss naming the
 step and the last good checkpoint when a loss is NaN/inf (nothing is saved then). Rank 0 records which in
@@ -144,7 +144,6 @@ class Trainer:
         with self.watchdog.paused():
             folder = self.checkpoints.save(self.engine, self.step, client_state, extras=export)
         self.last_saved = self.step
-        self.loader.close()  # restart the input stream here, as a resumed run would (see the module docstring)
         return folder
 
     def _export(self, path: Path) -> None:

@@ -1,7 +1,7 @@
-"""Real training at world size 2 (torchrun, gloo, DeepSpeed's CPU accelerator) on real digits shards through the
-real loader: every ZeRO stage trains every method with a decreasing loss; a run killed with SIGKILL and resumed
-computes the same losses as an uninterrupted one; a checkpoint resumes at another world size where the data left
-off; the exported encoder reproduces the engine's features without DeepSpeed.
+"""Real training at world size 2 (torchrun, gloo, DeepSpeed's CPU accelerator) on real digits shards through the real
+loader: every ZeRO stage trains every method with a decreasing loss; a run killed with SIGKILL, or stopped by a
+signal between checkpoints, and resumed computes the same losses as an uninterrupted one; a checkpoint resumes at
+another world size where the data left off; the exported encoder reproduces the engine's features without DeepSpeed.
 
 This file is also the worker: `torchrun --nproc_per_node 2 tests/engine/test_train_distributed.py SHARDS OUT` runs the
 matrix of (ZeRO stage, method) and an uninterrupted reference for the resume test, one Trainer after another in
@@ -182,6 +182,33 @@ def test_kill_9_then_resume_gives_the_uninterrupted_losses(matrix, shards, tmp_p
     expected, got = losses(matrix / "reference"), losses(run_dir)
     assert sorted(got) == sorted(expected) == list(range(1, RESUME_STEPS + 1))
     for step in range(saved + 1, RESUME_STEPS + 1):
+        assert got[step] == expected[step], f"step {step}: resumed {got[step]} != uninterrupted {expected[step]}"
+
+
+@pytest.mark.slow
+def test_a_stop_signal_between_checkpoints_then_resume_gives_the_uninterrupted_losses(matrix, shards, tmp_path):
+    """SIGUSR1 to one rank forces a checkpoint at whatever step the ranks agree on, between the periodic ones; the
+    resumed run must see the same augmentations from there on as the uninterrupted reference."""
+    run_dir = tmp_path / "signalled"
+    args = ["-m", "pipeline.train", *resume_overrides(shards, str(run_dir))]
+    proc = torchrun(args)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if (run_dir / "metrics.jsonl").exists() and max(losses(run_dir), default=0) >= RESUME_EVERY + 1:
+            break
+        time.sleep(0.05)
+    workers = [p for p in descendants(proc.pid) if "pipeline.train" in Path(f"/proc/{p}/cmdline").read_text()]
+    os.kill(workers[0], signal.SIGUSR1)
+    finish(proc)
+    status = json.loads((run_dir / "status.json").read_text())
+    stopped = status["step"]
+    assert status["status"] == "stopped" and RESUME_EVERY < stopped < RESUME_STEPS, status
+    if stopped % RESUME_EVERY == 0:
+        pytest.skip(f"the stop landed on a periodic checkpoint (step {stopped}); the test needs one between")
+    finish(torchrun(args))
+    expected, got = losses(matrix / "reference"), losses(run_dir)
+    assert sorted(got) == sorted(expected) == list(range(1, RESUME_STEPS + 1))
+    for step in range(stopped + 1, RESUME_STEPS + 1):
         assert got[step] == expected[step], f"step {step}: resumed {got[step]} != uninterrupted {expected[step]}"
 
 

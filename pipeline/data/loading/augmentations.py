@@ -2,10 +2,13 @@
 
 A method declares its views as {view name: augmentation name} (pipeline/methods); the loader builds one DALI graph
 that makes every view from the same decoded image. Everything after the decoder runs in DALI, on the GPU when the
-images were decoded there ("mixed"); the random parameters are drawn per sample by DALI's random operators. The
-colour jitter's probability is folded into its factors (1 where not drawn); the blur runs on the drawn samples only
-(DALI's conditional execution). Strengths that differ per dataset come from the dataset table (datasets.py); every
-view has the side `size` (data.image_size).
+images were decoded there ("mixed"). Every random parameter of a view (crop box, flip, jitter factors, grayscale,
+blur and its sigma, RandAugment's operations and signs) is drawn here, in numpy, by `draw_params` from uniforms that
+are a function of (seed, epoch, sample index, view) alone (counter_random.py), and reaches DALI's operators as
+argument inputs. A sample's views
+therefore depend on nothing else: not the rank, the world size, its place in a batch, nor when the stream was
+(re)started, so a resumed run sees exactly the augmentations an uninterrupted one sees. Strengths that differ per
+dataset come from the dataset table (datasets.py); every view has the side `size` (data.image_size).
 
 Augmentations (torchvision semantics for the parameters; docs/methods.md says which method uses which):
 - contrastive: random resized crop (area 0.08-1, ratio 3/4-4/3), flip 0.5, colour jitter (0.8s, 0.8s, 0.8s, 0.2s)
@@ -28,6 +31,7 @@ import numpy as np
 from nvidia.dali import fn, types
 from nvidia.dali import math as dmath
 from nvidia.dali.auto_aug import rand_augment
+from nvidia.dali.auto_aug.core import select, signed_bin
 
 from ..datasets import DatasetInfo
 
@@ -35,6 +39,8 @@ RANDAUGMENT_MAX_TRANSLATE = 0.3  # of the side, at magnitude bin 30 of 31
 RANDAUGMENT_FILL = 128
 BLUR_SIGMA = (0.1, 2.0)
 BLUR_MAX_TAPS = 13
+RANDAUGMENT_BINS = 31
+RANDAUGMENT_OPS = rand_augment.get_rand_augment_suite(use_shape=True, max_translate_rel=RANDAUGMENT_MAX_TRANSLATE)
 
 
 @dataclass(frozen=True)
@@ -92,55 +98,102 @@ def view_specs(views: dict[str, str], info: DatasetInfo, size: int,
     return {name: AUGMENTATIONS[aug](info, size, randaugment) for name, aug in views.items()}
 
 
-def _uniform(lo: float, hi: float):
-    return fn.random.uniform(range=[lo, hi])
+# -- the random parameters, drawn on the host ---------------------------------------------------------------------
+# One float32 vector per sample and random view: crop box (relative y0, x0, y1, x1), flip, brightness, contrast,
+# saturation, hue (degrees), blur (0/1), sigma, then RandAugment's n operation indices and n signs.
+CROP, FLIP, BRIGHTNESS, CONTRAST, SATURATION, HUE, BLUR, SIGMA, RANDAUGMENT = 0, 4, 5, 6, 7, 8, 9, 10, 11
+# The uniforms they are drawn from: four per try of the crop (area, log aspect ratio, top, left), then one each.
+CROP_TRIES = 10
+U_FLIP, U_JITTER, U_FACTORS, U_GRAY, U_BLUR, U_SIGMA, U_RANDAUGMENT = (4 * CROP_TRIES + k
+                                                                       for k in (0, 1, 2, 6, 7, 8, 9))
 
 
-def _coin(p: float):
-    return fn.cast(fn.random.coin_flip(probability=p), dtype=types.FLOAT)
+def param_count(spec: ViewSpec) -> int:
+    return RANDAUGMENT + 2 * (spec.randaugment[0] if spec.randaugment else 0)
 
 
-def _factor(strength: float, applied):
-    """A torchvision jitter factor drawn from [max(0, 1 - strength), 1 + strength], or 1 where not applied."""
-    drawn = _uniform(max(0.0, 1.0 - strength), 1.0 + strength)
-    return drawn if applied is None else 1.0 + applied * (drawn - 1.0)
+def uniform_count(spec: ViewSpec) -> int:
+    return U_RANDAUGMENT + 2 * (spec.randaugment[0] if spec.randaugment else 0)
+
+
+def _scaled(u: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    return lo + (hi - lo) * u
+
+
+def crop_boxes(u: np.ndarray, height: np.ndarray, width: np.ndarray, scale: tuple[float, float],
+               ratio: tuple[float, float]) -> np.ndarray:
+    """(B, 4) relative boxes (y0, x0, y1, x1) of random resized crops drawn as torchvision's RandomResizedCrop draws
+    them: the first of ten tries at an area fraction in `scale` and a log-uniform aspect ratio in `ratio` that fits,
+    else the centre crop clamped to `ratio`. `u` holds each sample's 4 * CROP_TRIES uniforms."""
+    tries = u[:, : 4 * CROP_TRIES].reshape(len(u), CROP_TRIES, 4)
+    height, width = height[:, None].astype(np.float64), width[:, None].astype(np.float64)
+    target = height * width * _scaled(tries[..., 0], *scale)
+    aspect = np.exp(_scaled(tries[..., 1], *np.log(ratio)))
+    w, h = np.rint(np.sqrt(target * aspect)), np.rint(np.sqrt(target / aspect))
+    fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    first = fits.argmax(axis=1)[:, None]
+    w, h = (np.take_along_axis(x, first, 1) for x in (w, h))
+    top = np.floor(np.take_along_axis(tries[..., 2], first, 1) * (height - h + 1))
+    left = np.floor(np.take_along_axis(tries[..., 3], first, 1) * (width - w + 1))
+    # no try fits: the centre crop of the whole image, its aspect ratio clamped to `ratio`
+    clamped_w = np.where(width / height > max(ratio), np.rint(height * max(ratio)), width)
+    clamped_h = np.where(width / height < min(ratio), np.rint(width / min(ratio)), height)
+    missed = ~fits.any(axis=1, keepdims=True)
+    w, h = np.where(missed, clamped_w, w), np.where(missed, clamped_h, h)
+    top = np.where(missed, (height - h) // 2, top)
+    left = np.where(missed, (width - w) // 2, left)
+    return np.concatenate([top / height, left / width, (top + h) / height, (left + w) / width], axis=1)
+
+
+def draw_params(spec: ViewSpec, u: np.ndarray, height: np.ndarray, width: np.ndarray) -> np.ndarray:
+    """(B, param_count) parameters of one view for B images of the given header sizes (a JPEG whose EXIF orientation
+    turns it gets its box at the same relative place), from each sample's `uniform_count(spec)` uniforms `u`."""
+    p = np.zeros((len(u), param_count(spec)), np.float32)
+    p[:, CROP : CROP + 4] = crop_boxes(u, height, width, spec.scale, spec.ratio)
+    p[:, FLIP] = u[:, U_FLIP] < spec.flip
+    p[:, BRIGHTNESS : SATURATION + 1] = 1.0
+    if _jitters(spec):
+        applied = u[:, U_JITTER] < spec.jitter_p
+        for k, strength in enumerate(spec.jitter[:3]):  # torchvision's factor range [max(0, 1 - s), 1 + s]
+            factor = _scaled(u[:, U_FACTORS + k], max(0.0, 1.0 - strength), 1.0 + strength)
+            p[:, BRIGHTNESS + k] = np.where(applied, factor, 1.0)
+        hue = spec.jitter[3] * 360.0
+        p[:, HUE] = np.where(applied, _scaled(u[:, U_FACTORS + 3], -hue, hue), 0.0)
+    p[:, SATURATION] *= u[:, U_GRAY] >= spec.gray_p
+    p[:, BLUR] = u[:, U_BLUR] < spec.blur_p
+    p[:, SIGMA] = _scaled(u[:, U_SIGMA], *BLUR_SIGMA)
+    if spec.randaugment:
+        n = spec.randaugment[0]
+        p[:, RANDAUGMENT : RANDAUGMENT + n] = np.floor(u[:, U_RANDAUGMENT : U_RANDAUGMENT + n] * len(RANDAUGMENT_OPS))
+        p[:, RANDAUGMENT + n :] = u[:, U_RANDAUGMENT + n :] < 0.5
+    return p
 
 
 def _jitters(spec: ViewSpec) -> bool:
     return spec.jitter_p > 0 and any(spec.jitter)
 
 
-def _colour(images, spec: ViewSpec):
-    """Colour jitter with probability jitter_p, then grayscale with probability gray_p, in one colour twist: the
-    grayscale is a saturation factor of 0 (luma weights 0.299, 0.587, 0.114, as torchvision's; DALI's YIQ matrices
-    leave the channels within one grey level of each other). Unlike torchvision, the four jitter operations are
-    applied in a fixed order, and contrast pivots on mid-grey (128) rather than on the image's mean grey. The twist
-    writes float (DALI's uint8 output path is several times slower on the CPU), clamped to the pixel range as
-    torchvision clamps."""
-    b, c, s, h = spec.jitter
-    applied = None if spec.jitter_p >= 1 else _coin(spec.jitter_p)
-    args = {}
-    if _jitters(spec):
-        args = {"brightness": _factor(b, applied), "contrast": _factor(c, applied),
-                "saturation": _factor(s, applied)}
-        if h:
-            hue = _uniform(-h * 360.0, h * 360.0)
-            args["hue"] = hue if applied is None else applied * hue
-    if spec.gray_p > 0:
-        keep_colour = 1.0 - _coin(spec.gray_p)
-        args["saturation"] = args["saturation"] * keep_colour if "saturation" in args else keep_colour
-    return dmath.clamp(fn.color_twist(images, dtype=types.FLOAT, **args), 0.0, 255.0)
+# -- the graph ----------------------------------------------------------------------------------------------------
+def _colour(images, params):
+    """Colour jitter and grayscale in one colour twist: the grayscale is a saturation factor of 0 (luma weights 0.299,
+    0.587, 0.114, as torchvision's; DALI's YIQ matrices leave the channels within one grey level of each other).
+    Unlike torchvision, the four jitter operations are applied in a fixed order, and contrast pivots on mid-grey
+    (128) rather than on the image's mean grey. The twist writes float (DALI's uint8 output path is several times
+    slower on the CPU), clamped to the pixel range as torchvision clamps."""
+    return dmath.clamp(fn.color_twist(images, dtype=types.FLOAT, brightness=params[BRIGHTNESS],
+                                      contrast=params[CONTRAST], saturation=params[SATURATION], hue=params[HUE]),
+                       0.0, 255.0)
 
 
-def _blur(images, spec: ViewSpec):
-    """Gaussian blur of the samples drawn with probability blur_p (the others skip it: conditional execution), sigma
-    drawn from 0.1-2, over a window of 10% of the side (odd) as torchvision's, capped at 13 taps (3 sigma of the
-    largest sigma: the weights beyond hold under 0.3% of the kernel's mass). Two 1-D passes of fn.filter on the
-    uint8 view, with each sample's kernel computed in the graph: about five times faster on the CPU than
-    fn.gaussian_blur, and equal to it within rounding."""
-    if fn.random.coin_flip(probability=spec.blur_p):
+def _blur(images, spec: ViewSpec, params):
+    """Gaussian blur of the samples drawn for it (the others skip it: conditional execution), over a window of 10%
+    of the side (odd) as torchvision's, capped at 13 taps (3 sigma of the largest sigma: the weights beyond hold
+    under 0.3% of the kernel's mass). Two 1-D passes of fn.filter on the uint8 view, with each sample's kernel
+    computed in the graph: about five times faster on the CPU than fn.gaussian_blur, and equal to it within
+    rounding."""
+    if fn.cast(params[BLUR], dtype=types.BOOL):
         radius = min(int(0.1 * spec.size) | 1, BLUR_MAX_TAPS) // 2
-        sigma = _uniform(*BLUR_SIGMA)
+        sigma = params[SIGMA]
         offsets = types.Constant(np.arange(-radius, radius + 1, dtype=np.float32))
         weights = dmath.exp(offsets * offsets * (-0.5 / (sigma * sigma)))
         weights = weights / fn.reductions.sum(weights)
@@ -149,6 +202,19 @@ def _blur(images, spec: ViewSpec):
         if images.device == "gpu":  # the kernels are computed on the CPU; the GPU filter takes them on the GPU
             rows, columns = rows.gpu(), columns.gpu()
         images = fn.filter(fn.filter(images, rows), columns)
+    return images
+
+
+def _randaugment(images, spec: ViewSpec, params):
+    """RandAugment(n, m) with the operations and magnitude signs drawn in draw_params (DALI's apply_rand_augment,
+    with its random draws replaced by those)."""
+    n, m = spec.randaugment
+    for level in range(n):
+        op = fn.cast(params[RANDAUGMENT + level], dtype=types.INT32)
+        sign = fn.cast(params[RANDAUGMENT + n + level], dtype=types.INT32)
+        images = select(RANDAUGMENT_OPS, op, data=images, magnitude_bin=signed_bin(m, random_sign=sign),
+                        num_magnitude_bins=RANDAUGMENT_BINS, shape=(spec.size, spec.size),
+                        fill_value=RANDAUGMENT_FILL)
     return images
 
 
@@ -172,22 +238,20 @@ def _normalize(images, out: Output, *, mirror=0, crop: int | None = None):
                                     dtype=types.FLOAT16 if out.half else types.FLOAT, **crop_args)
 
 
-def random_view(images, spec: ViewSpec, out: Output):
-    """uint8 HWC images -> the augmented, normalised view."""
-    x = fn.random_resized_crop(images, size=[spec.size, spec.size], random_area=list(spec.scale),
-                               random_aspect_ratio=list(spec.ratio), antialias=True)
+def random_view(images, spec: ViewSpec, out: Output, params):
+    """uint8 HWC images and their drawn parameters (draw_params) -> the augmented, normalised view."""
+    x = fn.resize(images, size=[spec.size, spec.size], roi_start=params[CROP : CROP + 2],
+                  roi_end=params[CROP + 2 : CROP + 4], roi_relative=True, antialias=True)
     if spec.randaugment:
-        n, m = spec.randaugment
-        x = rand_augment.rand_augment(x, n=n, m=m, shape=(spec.size, spec.size), fill_value=RANDAUGMENT_FILL,
-                                      max_translate_rel=RANDAUGMENT_MAX_TRANSLATE)
+        x = _randaugment(x, spec, params)
     if spec.blur_p > 0:
         # Blurring before the colour operations rather than after (torchvision's order) gives the same view up to
         # clamping: both are linear, the blur's weights sum to one. It keeps the blur on uint8, where it is fast.
-        x = _blur(x, spec)
+        x = _blur(x, spec, params)
     if _jitters(spec) or spec.gray_p > 0:
-        x = _colour(x, spec)
+        x = _colour(x, params)
     # The flip comes last, in the normalising crop: the colour operations are per pixel, the blur kernel symmetric.
-    return _normalize(x, out, mirror=fn.random.coin_flip(probability=spec.flip) if spec.flip > 0 else 0)
+    return _normalize(x, out, mirror=fn.cast(params[FLIP], dtype=types.INT32) if spec.flip > 0 else 0)
 
 
 def eval_view(images, info: DatasetInfo, size: int, out: Output):

@@ -217,32 +217,36 @@ class ShardLoader:
         from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
         cfg, gpu = self.tuning, self.device.type == "cuda"
+        views, info, size = self.views, self.info, self.image_size
+        random_views = [spec for spec in views.values() if spec is not None]
         source = BatchSource(self.order, self.epoch, self.position, self._reader(),
                              {k: getattr(self.index, k) for k in _COLUMNS}, len(self.index.manifest.classes),
-                             frozenset(self._undecodable), self.tuning.max_pixels)
-        views, info, size = self.views, self.info, self.image_size
+                             random_views, frozenset(self._undecodable), self.tuning.max_pixels)
         out = Output(self.mean, self.std, cfg.channels_last, half=cfg.dtype == "float16")
 
         @pipeline_def(enable_conditionals=uses_conditionals(views))
         def graph():
-            encoded, labels, rows, status = fn.external_source(
-                source=source, num_outputs=4, batch=True, batch_info=True, parallel=True,
-                prefetch_queue_depth=cfg.prefetch, dtype=[types.UINT8, types.INT32, types.INT64, types.INT32],
-                ndim=[1, 0, 0, 0], bytes_per_sample_hint=int(self.index.image_size.max()) + 4096)
+            extra = len(random_views)
+            encoded, labels, rows, status, *params = fn.external_source(
+                source=source, num_outputs=4 + extra, batch=True, batch_info=True, parallel=True,
+                prefetch_queue_depth=cfg.prefetch,
+                dtype=[types.UINT8, types.INT32, types.INT64, types.INT32, *[types.FLOAT] * extra],
+                ndim=[1, 0, 0, 0, *[1] * extra], bytes_per_sample_hint=int(self.index.image_size.max()) + 4096)
             images = fn.decoders.image(encoded, device="mixed" if gpu else "cpu", output_type=types.RGB)
-            outputs = [eval_view(images, info, size, out) if spec is None else random_view(images, spec, out)
-                       for spec in views.values()]
+            drawn = iter(params)
+            outputs = [eval_view(images, info, size, out) if spec is None
+                       else random_view(images, spec, out, next(drawn)) for spec in views.values()]
             return (*outputs, labels, rows, status)
 
         # Fork is cheap but unsafe once this process holds a CUDA context; spawn re-imports this package instead.
         start_method = "spawn" if gpu or torch.cuda.is_initialized() else "fork"
-        entropy = [self.order.seed, self.rank, self.epoch, self.position]  # a resumed run does not replay augmentations
-        seed = int(np.random.SeedSequence(entropy).generate_state(1)[0] >> 1)
         # DALI's auto_aug calls operators DALI has deprecated, and DALI forces their warnings on: record and drop them
         with warnings.catch_warnings(record=True):
+            # nothing in the graph draws at random (augmentations.py), so DALI's seed changes nothing
             pipe = graph(batch_size=self.cfg.batch_size, num_threads=cfg.num_threads,
-                         device_id=self.device.index if gpu else None, seed=seed, py_num_workers=cfg.read_workers,
-                         py_start_method=start_method, prefetch_queue_depth=cfg.prefetch)
+                         device_id=self.device.index if gpu else None, seed=self.order.seed,
+                         py_num_workers=cfg.read_workers, py_start_method=start_method,
+                         prefetch_queue_depth=cfg.prefetch)
             pipe.build()
         names = list(views)
         iterator = DALIGenericIterator([pipe], [*names, "labels", "rows", "status"])

@@ -78,7 +78,9 @@ def test_crop_areas_aspect_ratios_and_flips(ramps):
         lo, hi = spec.scale
         assert area.min() >= lo - 0.02 and area.max() <= hi + 0.02, (name, area.min(), area.max())
         assert area.min() < lo + 0.05 and area.max() > 0.9, name  # the whole range is drawn from
-        assert aspect.min() >= spec.ratio[0] - 0.05 and aspect.max() <= spec.ratio[1] + 0.05, name
+        # boxes are whole pixels, as torchvision draws them: half a pixel off on each side of the smallest crop
+        slack = 1 + 1 / np.sqrt(lo * RAMP_SIDE**2)
+        assert aspect.min() >= spec.ratio[0] / slack - 0.02 and aspect.max() <= spec.ratio[1] * slack + 0.02, name
         assert abs((dx < 0).mean() - spec.flip) < 0.05, name
         assert (dy > 0).all(), name  # never flipped vertically
 

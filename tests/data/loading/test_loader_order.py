@@ -148,3 +148,50 @@ def test_stream_positions_run_through_epochs_without_a_break():
     assert located == [(4, 8), (5, 0), (5, 4), (5, 8), (6, 0)]
     rows, valid = order.batch(5, 8)  # positions 10, 11: padding that wraps to the start of the order
     assert not valid.any() and list(rows) == list(order.permutation(5)[:2])
+
+
+EVERY_AUGMENTATION = {"c": "contrastive", "j": "crop_jitter", "j2": "crop_jitter", "r": "randaugment",
+                      "f": "crop_flip", "t": "center_crop"}
+
+
+def views_by_key(loader: ShardLoader, steps: int | None = None) -> dict[str, dict[str, np.ndarray]]:
+    """key -> view name -> pixels, for the real samples of the next `steps` batches (all of the epoch by default)."""
+    out = {}
+    for n, batch in enumerate(loader, 1):
+        for i in np.flatnonzero(batch.valid.numpy()):
+            out[batch.keys[i]] = {name: x[i].numpy() for name, x in batch.views.items()}
+        if n == steps:
+            break
+    return out
+
+
+def test_a_samples_views_depend_only_on_seed_epoch_and_sample(tmp_path):
+    """Every random parameter is a function of (seed, epoch, sample): a run resumed mid-epoch at another world size
+    and per-rank batch sees, bit for bit, the views of an uninterrupted single-rank run (the STL-10 profile adds the
+    blur to the contrastive view)."""
+    manifest = digits_split(str(tmp_path), [700, 738])
+    options = {"views": EVERY_AUGMENTATION, "seed": 3, "profile": "stl10"}
+    straight = make_loader(manifest, batch_size=96, **options)
+    reference = views_by_key(straight)
+    next_epoch = views_by_key(straight, 1)
+    straight.close()
+    resumed, states = {}, []
+    for rank in range(2):
+        loader = make_loader(manifest, rank, 2, batch_size=40, **options)
+        resumed.update(views_by_key(loader, 5))
+        states.append(loader.state_dict())
+        loader.close()
+    for rank in range(3):
+        loader = make_loader(manifest, rank, 3, batch_size=24, read_workers=2, **options)
+        loader.load_state_dict(states[0])
+        resumed.update(views_by_key(loader))
+        loader.close()
+    assert resumed.keys() == reference.keys()
+    for key, views in reference.items():
+        for name, pixels in views.items():
+            assert np.array_equal(resumed[key][name], pixels), f"{key} view {name} differs after the resume"
+    # ... and the views change from one epoch to the next and between two views of one augmentation
+    key = next(iter(next_epoch))
+    assert not np.array_equal(next_epoch[key]["c"], reference[key]["c"])
+    assert np.array_equal(next_epoch[key]["t"], reference[key]["t"])
+    assert sum(not np.array_equal(v["j"], v["j2"]) for v in reference.values()) == len(reference)
