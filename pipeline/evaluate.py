@@ -15,6 +15,7 @@ training split with random crops and flips when linear.augment=true). Results ar
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import hydra
@@ -23,6 +24,7 @@ from omegaconf import DictConfig
 
 from pipeline.config import schema
 from pipeline.config.compose import VERSION_BASE, exit_if_bad_cli
+from pipeline.exit_codes import BAD_CONFIG, exit_with
 from pipeline.redact import redact_logs, redacted_config
 
 schema.register()
@@ -47,14 +49,15 @@ def find_encoder(path: str) -> Path:
 def evaluate(cfg: DictConfig, encoder: torch.nn.Module | None = None) -> dict:
     """kNN and linear probe of the encoder file `cfg.encoder`, or of `encoder` (any module with `.out_dim`, e.g.
     flattened raw pixels as a baseline; `cfg.encoder` then only names it in the results)."""
-    from pipeline.data.loading.loader import EVAL_VIEWS, loader_for, resolve_device
+    from pipeline.data.loading.loader import EVAL_VIEWS, loader_for
+    from pipeline.device import pick
     from pipeline.engine.export import load_encoder, read_metadata
     from pipeline.evaluation.features import features
     from pipeline.evaluation.knn import knn
     from pipeline.evaluation.linear import linear_probe
 
     torch.manual_seed(cfg.seed)
-    device = resolve_device(cfg.data.loader.device)  # where the loader delivers the images
+    device = pick(cfg.device)
     path = None
     if encoder is None:
         path = find_encoder(cfg.encoder)
@@ -66,8 +69,9 @@ def evaluate(cfg: DictConfig, encoder: torch.nn.Module | None = None) -> dict:
         return feats[keep], labels[keep]
 
     def split(role: str, views: dict[str, str] = EVAL_VIEWS, seed: int = 0):
-        loader = loader_for(cfg.data, role, views, batch, 0, 1, seed=seed, shuffle=views is not EVAL_VIEWS)
-        out = labelled(*features(encoder, loader))
+        loader = loader_for(cfg.data, role, views, batch, 0, 1, seed=seed, shuffle=views is not EVAL_VIEWS,
+                            device=device)
+        out = labelled(*features(encoder, loader, device))
         loader.close()
         return out, len(loader.index.manifest.classes)
 
@@ -100,8 +104,14 @@ def write_results(cfg: DictConfig, results: dict) -> Path:
 
 @hydra.main(config_path="../configs", config_name="evaluate", version_base=VERSION_BASE)
 def _app(cfg: DictConfig) -> None:
+    from pipeline.device import DeviceError
+
     redact_logs()
-    results = evaluate(cfg)
+    try:
+        results = evaluate(cfg)
+    except DeviceError as err:
+        print(f"pipeline.evaluate: {err}", file=sys.stderr)
+        exit_with(BAD_CONFIG)
     out = write_results(cfg, results)
     print(f"{'protocol':<10}{'top-1':>8}{'top-5':>8}   ({results['encoder']}, {cfg.data.dataset}: "
           f"{results['train_samples']} train / {results['test_samples']} test)")

@@ -31,6 +31,15 @@ schema.register()
 @hydra.main(config_path="../configs", config_name="train", version_base=VERSION_BASE)
 def _app(cfg: DictConfig) -> None:
     from pipeline.config.checks import ConfigError
+    from pipeline.device import DeviceError, pick, prepare_deepspeed
+    from pipeline.distributed import resolve
+
+    try:  # before DeepSpeed is imported: it picks its accelerator then
+        prepare_deepspeed(pick(cfg.device, resolve().local_rank))
+    except (DeviceError, ValueError) as err:
+        print(f"pipeline.train: {redact(str(err))}", file=sys.stderr)
+        exit_with(BAD_CONFIG)
+
     from pipeline.data.loading.loader import BadSampleError
     from pipeline.engine.trainer import BadData, NonFiniteLoss, Trainer
 

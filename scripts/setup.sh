@@ -1,9 +1,14 @@
 #!/usr/bin/env bash
 # The one setup path: a virtual environment in .venv with torch (pinned, CPU wheel) first, then the project.
-# Usage: scripts/setup.sh [EXTRAS]   e.g. scripts/setup.sh test,demo
+# Usage: scripts/setup.sh [EXTRAS]   e.g. scripts/setup.sh test,demo   or   scripts/setup.sh gpu-cu13
+# DALI comes from the extra gpu-cu12 (CUDA 12, and the CPU backend) or gpu-cu13 (CUDA 13); gpu-cu12 unless named.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 extras="${1:-demo}"
+case ",$extras," in
+  *,gpu-cu12,*|*,gpu-cu13,*) ;;
+  *) extras="$extras,gpu-cu12" ;;
+esac
 python="${PYTHON:-python3}"
 if [ ! -x .venv/bin/python ]; then
   "$python" -m venv .venv

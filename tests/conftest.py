@@ -8,6 +8,11 @@ import pytest
 # One thread per process: the suite runs on 2 cores, often beside torchrun workers, and oversubscribed torch
 # threads make it several times slower. Set before any test imports torch; subprocesses inherit it.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# The suite runs on the CPU (gloo) also on a GPU machine, so that it passes there unchanged; tests marked for a GPU
+# ask for CUDA themselves. DeepSpeed picks its accelerator when first imported, so it is told here too.
+os.environ.setdefault("AUGSSL_DEVICE", "cpu")
+if os.environ["AUGSSL_DEVICE"] == "cpu":
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 
 def _digits_shards(out: Path, *options: str) -> None:

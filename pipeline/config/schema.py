@@ -68,6 +68,12 @@ class DataConfig:
 # ------------------------------------------------------------------------------------------------------- optimizer
 
 
+class Device(StrEnum):
+    auto = "auto"  # CUDA when torch sees a CUDA device, else the CPU
+    cpu = "cpu"
+    cuda = "cuda"  # the GPU of the local rank (pipeline/device.py); AUGSSL_DEVICE overrides
+
+
 class OptimizerName(StrEnum):
     adam = "adam"
     adamw = "adamw"
@@ -192,6 +198,7 @@ class TrainConfig:
     epochs: int = at_least(1, 100)
     max_steps: int = at_least(0, 0)  # stop after this many optimizer steps in total (0 = epochs decide)
     export_encoder: bool = True  # write run_dir/encoder.safetensors at the end
+    device: Device = Device.auto  # where the model computes (the loader follows unless data.loader.device says)
 
 
 class Protocol(StrEnum):
@@ -219,6 +226,7 @@ class EvalConfig:
     knn_k: int = at_least(1, 200)
     knn_temperature: float = greater_than(0.0, 0.1)
     linear: LinearProbeConfig = field(default_factory=LinearProbeConfig)
+    device: Device = Device.auto  # where features are computed (AUGSSL_DEVICE overrides)
     seed: int = at_least(0, 0)
 
 

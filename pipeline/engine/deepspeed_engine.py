@@ -18,6 +18,7 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
+from pipeline.device import pick, prepare_deepspeed
 from pipeline.distributed import DistEnv, export
 from pipeline.engine.ds_config import build_ds_config
 from pipeline.engine.lars import LARS
@@ -45,20 +46,15 @@ class BatchGeometry:
         return self
 
 
-def device_for(env: DistEnv) -> torch.device:
-    if torch.cuda.is_available():
-        torch.cuda.set_device(env.local_rank)
-        return torch.device("cuda", env.local_rank)
-    return torch.device("cpu")
-
-
-def init_distributed(env: DistEnv, timeout_s: float) -> torch.device:
-    """Start the process group described by `env` (idempotent) and return this rank's device. A collective that
-    waits longer than `timeout_s` (a peer died) raises instead of hanging for torch's default 30 minutes."""
+def init_distributed(env: DistEnv, timeout_s: float, device_kind: str = "auto") -> torch.device:
+    """Start the process group described by `env` (idempotent) and return this rank's device (pipeline/device.py).
+    A collective that waits longer than `timeout_s` (a peer died) raises instead of hanging for torch's default 30
+    minutes."""
+    device = pick(device_kind, env.local_rank)
+    prepare_deepspeed(device)
     import deepspeed
     import torch.distributed as dist
 
-    device = device_for(env)
     if not dist.is_initialized():
         export(env)
         deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo",

@@ -86,7 +86,7 @@ class Trainer:
         check_values(cfg)  # the entry point checked already; a config built in code is checked here
         check_launch(cfg, self.env.world_size)
         check_shards(cfg.data, data_roles(cfg))
-        self.device = init_distributed(self.env, cfg.dist.timeout_s)
+        self.device = init_distributed(self.env, cfg.dist.timeout_s, cfg.device)
         self.rank, self.world = self.env.rank, self.env.world_size
         self.dtype = DTYPES[cfg.deepspeed.precision]
         self.run_dir = Path(cfg.run_dir)
@@ -96,7 +96,7 @@ class Trainer:
         self.ga = cfg.deepspeed.grad_accum_steps
 
         self.loader = loader_for(cfg.data, "train", METHODS[cfg.method.name].views, self.geometry.micro_batch,
-                                 self.rank, self.world, seed=cfg.seed, shuffle=True)
+                                 self.rank, self.world, seed=cfg.seed, shuffle=True, device=self.device)
         self.num_classes = len(self.loader.index.manifest.classes) if cfg.monitor.online_probe else 0
         micro_per_epoch = self.loader.steps_per_epoch
         self.total_steps = cfg.max_steps or max(1, math.floor(cfg.epochs * micro_per_epoch / self.ga))
@@ -155,11 +155,11 @@ class Trainer:
     def knn(self) -> float | None:
         data, mon = self.cfg.data, self.cfg.monitor
         bank, test = (loader_for(data, role, EVAL_VIEWS, self.geometry.micro_batch, self.rank, self.world,
-                                 shuffle=False) for role in ("bank", "test"))
+                                 shuffle=False, device=self.device) for role in ("bank", "test"))
         monitor = KNNMonitor(len(bank.index.manifest.classes), k=mon.knn_k, temperature=mon.knn_temperature)
         with self.watchdog.paused():  # its collectives run under the process group's timeout
             for loader, add in ((bank, monitor.add_bank), (test, monitor.add_queries)):
-                add(*features(self.method.encoder, loader, self.dtype))
+                add(*features(self.method.encoder, loader, self.device, self.dtype))
                 loader.close()
             return monitor.compute()
 
@@ -220,8 +220,9 @@ class Trainer:
             if batch is None:
                 return "done"
             self.window["data"] += time.perf_counter() - tick
-            views = {k: batch.views[k].to(self.dtype) for k in self.method.views}
-            loss, metrics = engine(views, batch.labels, batch.valid)
+            views = {k: batch.views[k].to(self.device, self.dtype, non_blocking=True) for k in self.method.views}
+            labels, valid = (t.to(self.device, non_blocking=True) for t in (batch.labels, batch.valid))
+            loss, metrics = engine(views, labels, valid)
             # one collective, on the device (NCCL reduces CUDA tensors only), and one host sync per micro-batch: stop
             # signals, non-finite losses and unusable samples, summed over ranks
             flags = torch.stack([torch.tensor(float(signals.received is not None), device=loss.device),

@@ -14,15 +14,17 @@ from pipeline.data.loading.loader import ShardLoader
 
 
 @torch.no_grad()
-def features(encoder: nn.Module, loader: ShardLoader, dtype: torch.dtype = torch.float32):
-    """(features, labels) of this rank's share of one epoch of `loader`, float32, on the loader's device."""
+def features(encoder: nn.Module, loader: ShardLoader, device: torch.device, dtype: torch.dtype = torch.float32):
+    """(features, labels) of this rank's share of one epoch of `loader`, float32, computed on `device` (the
+    encoder's)."""
     was_training = encoder.training
     encoder.eval()
     feats, labels = [], []
     for batch in loader:
         (images,) = batch.views.values()
-        out = encoder(images.to(dtype))
-        feats.append(out[batch.valid].float())
-        labels.append(batch.labels[batch.valid])
+        out = encoder(images.to(device, dtype, non_blocking=True))
+        valid = batch.valid.to(device, non_blocking=True)
+        feats.append(out[valid].float())
+        labels.append(batch.labels.to(device, non_blocking=True)[valid])
     encoder.train(was_training)
     return torch.cat(feats), torch.cat(labels)

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from pipeline.device import pick
+
 from ..datasets import DATASETS, dataset_info
 from ..image_bytes import CorruptImage, decode_rgb
 from ..shard_format import manifest_url
@@ -65,9 +67,10 @@ class _Stream:
     position: int
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, run_device: torch.device | None = None) -> torch.device:
+    """The loader's device: `auto` follows the run's (pipeline/device.py picks one when there is no run)."""
     if name == "auto":
-        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        return run_device if run_device is not None else pick("auto")
     device = torch.device(name)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
@@ -76,8 +79,16 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A copy that does not make the host wait: from pinned memory, non-blocking (a pageable source would make
+    CUDA finish all queued work first). On the CPU, `x` itself."""
+    if device.type == "cuda" and x.device.type == "cpu":
+        x = x.pin_memory()
+    return x.to(device, non_blocking=True)
+
+
 class ShardLoader:
-    def __init__(self, cfg: LoaderConfig, rank: int = 0, world_size: int = 1):
+    def __init__(self, cfg: LoaderConfig, rank: int = 0, world_size: int = 1, run_device: torch.device | None = None):
         cfg.validate()
         self.cfg, self.tuning = cfg, cfg.tuning
         self.index: ShardIndex = open_index(cfg.manifest, strict=self.tuning.strict)
@@ -94,7 +105,7 @@ class ShardLoader:
         self.views = view_specs(cfg.views, self.info, self.image_size,
                                 (self.tuning.randaugment_n, self.tuning.randaugment_m))
         self.order = SampleOrder(len(self.index), cfg.batch_size, rank, world_size, cfg.seed, cfg.shuffle)
-        self.device = resolve_device(self.tuning.device)
+        self.device = resolve_device(self.tuning.device, run_device)
         self.io = self.tuning.io if self.tuning.io != "auto" else ("posix" if self.index.local else "fsspec")
         if self.io == "posix" and not self.index.local:
             raise ValueError(f"loader: io=posix needs local shards, {cfg.manifest} is not")
@@ -166,8 +177,8 @@ class ShardLoader:
             self._bad_sample(int(rows[i]), int(status[i]))
         valid = valid & (status == OK)
         views = {name: self._to_torch(out[name]) for name in stream.names}
-        return Batch(views=views, labels=out["labels"].to(self.device, torch.int64, non_blocking=True),
-                     keys=[self.index.key(r) for r in rows], valid=torch.from_numpy(valid).to(self.device),
+        return Batch(views=views, labels=to_device(out["labels"].to(torch.int64), self.device),
+                     keys=[self.index.key(r) for r in rows], valid=to_device(torch.from_numpy(valid), self.device),
                      bad=len(bad), epoch=self.epoch, step=self.step)
 
     def _find_undecodable(self) -> bool:
@@ -201,7 +212,7 @@ class ShardLoader:
             log.warning("skipped %s (valid=False in its batch)", what)
 
     def _to_torch(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.to(self.device, non_blocking=True)
+        x = to_device(x, self.device)  # DALI's outputs are on self.device already, unless a CPU graph feeds CUDA
         if self.tuning.dtype == "bfloat16":
             x = x.to(torch.bfloat16)
         return x.permute(0, 3, 1, 2) if self.tuning.channels_last else x
@@ -232,7 +243,7 @@ class ShardLoader:
                 prefetch_queue_depth=cfg.prefetch,
                 dtype=[types.UINT8, types.INT32, types.INT64, types.INT32, *[types.FLOAT] * extra],
                 ndim=[1, 0, 0, 0, *[1] * extra], bytes_per_sample_hint=int(self.index.image_size.max()) + 4096)
-            images = fn.decoders.image(encoded, device="mixed" if gpu else "cpu", output_type=types.RGB)
+            images = fn.decoders.image(encoded, output_type=types.RGB, **decoder_args(cfg, gpu))
             drawn = iter(params)
             outputs = [eval_view(images, info, size, out) if spec is None
                        else random_view(images, spec, out, next(drawn)) for spec in views.values()]
@@ -257,14 +268,24 @@ class ShardLoader:
         self._stream = None  # dropping the pipeline shuts it and its workers down
 
 
+def decoder_args(tuning: LoaderTuning, gpu: bool) -> dict:
+    """nvJPEG's settings on a CUDA device (hardware decoder share, buffer preallocation); DALI's CPU decoder
+    otherwise."""
+    if not gpu:
+        return {"device": "cpu"}
+    hints = {k: getattr(tuning, k) for k in ("preallocate_width_hint", "preallocate_height_hint") if getattr(tuning, k)}
+    return {"device": "mixed", "hw_decoder_load": tuning.hw_decoder_load, **hints}
+
+
 EVAL_VIEWS = {"image": "center_crop"}  # one deterministic view: evaluation passes and feature banks
 
 
 def loader_for(data, role: str, views: dict[str, str], batch_size: int, rank: int, world_size: int, seed: int = 0,
-               shuffle: bool = True) -> ShardLoader:
+               shuffle: bool = True, device: torch.device | None = None) -> ShardLoader:
     """The loader of the split that `data.<role>_split` names, from a composed config's `data` node (its `loader`
-    node holds the tuning); what it makes, its per-rank batch, seed and order are the caller's."""
+    node holds the tuning); what it makes, its per-rank batch, seed and order are the caller's, and so is the run's
+    `device`, which data.loader.device=auto follows."""
     cfg = LoaderConfig(manifest=manifest_url(data.root, data.dataset, data[f"{role}_split"]), views=dict(views),
                        batch_size=batch_size, seed=seed, shuffle=shuffle, image_size=data.image_size,
                        tuning=LoaderTuning(**data.loader))
-    return ShardLoader(cfg, rank, world_size)
+    return ShardLoader(cfg, rank, world_size, device)

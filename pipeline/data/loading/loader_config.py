@@ -37,7 +37,13 @@ class LoaderTuning:
     dtype: Dtype = Dtype.float32
     # a CUDA device decodes with nvJPEG ("mixed") and augments on it
     device: str = matching(r"auto|cpu|cuda(:\d+)?", "auto, cpu, cuda or cuda:N", "auto")
-    num_threads: int = at_least(1, 4)  # DALI's CPU threads (decoding and augmenting on the CPU backend)
+    num_threads: int = at_least(1, 4)  # DALI's CPU threads per rank (the Slurm scripts give each GPU 4 CPUs)
+    # nvJPEG (CUDA device): the share of images sent to the hardware JPEG decoder (A100/H100) rather than the CUDA
+    # one, and the size of its preallocated buffers (0 = DALI's default; ImageNet's typical 500 x 375 avoids
+    # regrowing them)
+    hw_decoder_load: float = in_range(0.0, 1.0, 0.65)  # DALI's default; the GPU check measures 0.9-0.99 on H100
+    preallocate_width_hint: int = at_least(0, 0)
+    preallocate_height_hint: int = at_least(0, 0)
     read_workers: int = at_least(1, 2)  # worker processes that read sample bytes (DALI's parallel external source)
     prefetch: int = at_least(1, 2)  # batches read and processed ahead of the training step
     io: ReadIO = ReadIO.auto  # how shard bytes are read

@@ -18,7 +18,7 @@ from pipeline.data.loading.loader import BadSampleError, ShardLoader
 from pipeline.data.loading.loader_config import LoaderConfig
 from pipeline.data.loading.shard_index import ShardError
 from tests.helpers.fixtures import bomb_image
-from tests.helpers.loader_data import DIGIT_CLASSES, digits_samples, labelled, make_loader, write_split
+from tests.helpers.loader_data import DIGIT_CLASSES, digits_samples, digits_split, labelled, make_loader, write_split
 
 SIZES = [5, 400, 3, 300, 730]
 
@@ -182,3 +182,40 @@ def test_bad_urls_and_settings_fail_clearly(tmp_path):
                                 DIGIT_CLASSES), io="posix")
     with pytest.raises(ValueError, match="set `manifest`"):
         LoaderConfig().validate()
+
+
+def test_a_batch_reaches_its_device_without_a_blocking_copy(tmp_path, monkeypatch):
+    """Every host-to-device move of a batch (views, labels, valid) is non-blocking (from pinned memory on CUDA), so
+    the loader never makes the host wait for the GPU; counted on a patched Tensor.to."""
+    manifest = digits_split(str(tmp_path), [1000, 438])
+    loader = make_loader(manifest, method="aag", batch_size=32)
+    moves, original = [], torch.Tensor.to
+
+    def recording_to(self, *args, **kwargs):
+        target = kwargs.get("device", args[0] if args else None)
+        if isinstance(target, (torch.device, str)):
+            moves.append(kwargs.get("non_blocking", False))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "to", recording_to)
+    batch = next(iter(loader))
+    loader.close()
+    assert len(batch.views) == 3 and moves.count(True) >= 5  # three views, labels, valid
+    assert all(moves), f"{moves.count(False)} blocking copies"
+
+
+def test_nvjpeg_settings_reach_the_gpu_decoder_under_names_dali_knows():
+    """Checked against DALI's own operator schema, so a renamed argument fails here rather than on the first GPU."""
+    from nvidia.dali.backend import GetSchema
+
+    from pipeline.data.loading.loader import decoder_args
+    from pipeline.data.loading.loader_config import LoaderTuning
+
+    tuning = LoaderTuning(hw_decoder_load=0.95, preallocate_width_hint=500, preallocate_height_hint=375)
+    gpu = decoder_args(tuning, gpu=True)
+    assert gpu == {"device": "mixed", "hw_decoder_load": 0.95, "preallocate_width_hint": 500,
+                   "preallocate_height_hint": 375}
+    schema = GetSchema("decoders__Image")
+    assert all(schema.HasArgument(name) for name in gpu if name != "device")
+    assert decoder_args(tuning, gpu=False) == {"device": "cpu"}
+    assert "preallocate_width_hint" not in decoder_args(LoaderTuning(), gpu=True)  # 0: DALI's default

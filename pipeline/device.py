@@ -1,0 +1,63 @@
+"""Which device a process computes on: one answer for the trainer, the loader, DeepSpeed and evaluation.
+
+`device` (top of the train and evaluate configs) is `auto` (CUDA when torch sees a CUDA device, else the CPU), `cpu`
+or `cuda`; the environment variable AUGSSL_DEVICE, when set, overrides it (the test suite sets it to `cpu` so that
+it runs unchanged on a GPU machine). On CUDA each process takes the GPU of its local rank, which must exist. DeepSpeed
+picks its accelerator once, when it is first imported, from DS_ACCELERATOR, so that is set here before that import
+(`pipeline.train` resolves the device before it imports the trainer).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+ENV = "AUGSSL_DEVICE"
+KINDS = ("auto", "cpu", "cuda")
+
+
+class DeviceError(ValueError):
+    """The device asked for is not there."""
+
+
+def requested(configured: str) -> str:
+    """The device kind asked for: AUGSSL_DEVICE if set, else the config's."""
+    kind = os.environ.get(ENV) or configured
+    if kind not in KINDS:
+        source = ENV if os.environ.get(ENV) else "device"
+        raise DeviceError(f"{source}={kind!r}: choose one of {', '.join(KINDS)}")
+    return kind
+
+
+def pick(configured: str = "auto", local_rank: int = 0) -> torch.device:
+    """This process's device; on CUDA also makes it the current one."""
+    kind = requested(configured)
+    if kind == "auto":
+        kind = "cuda" if torch.cuda.is_available() else "cpu"
+    if kind == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise DeviceError("device=cuda, but torch sees no CUDA device (a CPU-only torch build, no driver, or "
+                          "CUDA_VISIBLE_DEVICES empty); use device=cpu or auto")
+    count = torch.cuda.device_count()
+    if local_rank >= count:
+        raise DeviceError(f"local rank {local_rank} needs cuda:{local_rank}, but this node has {count} CUDA "
+                          f"device(s): start at most {count} process(es) per node (torchrun --nproc-per-node, "
+                          "srun --ntasks-per-node/--gpus-per-task) or use device=cpu")
+    torch.cuda.set_device(local_rank)
+    return torch.device("cuda", local_rank)
+
+
+def prepare_deepspeed(device: torch.device) -> None:
+    """Make DeepSpeed use the accelerator of `device` (it would take CUDA whenever it sees one)."""
+    wanted = "cuda" if device.type == "cuda" else "cpu"
+    if "deepspeed" not in sys.modules:
+        os.environ["DS_ACCELERATOR"] = wanted
+        return
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().device_name() != wanted:
+        raise DeviceError(f"DeepSpeed was imported with its {get_accelerator().device_name()} accelerator before "
+                          f"the device ({device}) was chosen; set DS_ACCELERATOR={wanted}")
