@@ -47,6 +47,7 @@ def pick(configured: str = "auto", local_rank: int = 0) -> torch.device:
                           f"device(s): start at most {count} process(es) per node (torchrun --nproc-per-node, "
                           "srun --ntasks-per-node/--gpus-per-task) or use device=cpu")
     torch.cuda.set_device(local_rank)
+    torch.backends.cudnn.benchmark = True  # a run's input shapes are fixed: cuDNN's autotuned kernels pay off
     return torch.device("cuda", local_rank)
 
 

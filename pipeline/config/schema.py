@@ -199,6 +199,8 @@ class TrainConfig:
     max_steps: int = at_least(0, 0)  # stop after this many optimizer steps in total (0 = epochs decide)
     export_encoder: bool = True  # write run_dir/encoder.safetensors at the end
     device: Device = Device.auto  # where the model computes (the loader follows unless data.loader.device says)
+    compile: bool = False  # torch.compile the method's forward (DeepSpeed's engine.compile); first steps are slower
+    compile_backend: str = "inductor"  # a torch.compile backend; aot_eager traces without generating code
 
 
 class Protocol(StrEnum):

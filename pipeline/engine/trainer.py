@@ -107,6 +107,9 @@ class Trainer:
         self.engine, self.optimizer, self.schedule = build_engine(cfg, self.method, self.geometry,
                                                                   self.total_steps, warmup, self.device)
         self.method = self.engine.module
+        if cfg.compile:
+            self.engine.compile(backend=cfg.compile_backend)
+            log.warning("compiled the method's forward with torch.compile (backend %s)", cfg.compile_backend)
         rng.seed_all(cfg.seed + 1_000_003 * self.rank)  # independent noise per rank from here on
 
         self.step, self.micro, self.wandb_id, self.last_saved = 0, 0, None, -1
