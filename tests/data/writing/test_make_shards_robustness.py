@@ -2,6 +2,7 @@
 
 import json
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -17,7 +18,14 @@ from pipeline.data.shard_format import index_name, read_manifest
 from pipeline.data.writing.convert import ConversionError, ConvertOptions, convert
 from pipeline.data.writing.sources import build_source
 from tests.helpers import REPO
-from tests.helpers.fixtures import bomb_image, make_image_folder, make_imagenet_train, make_stl10
+from tests.helpers.fixtures import (
+    bomb_image,
+    make_cifar10,
+    make_cifar100,
+    make_image_folder,
+    make_imagenet_train,
+    make_stl10,
+)
 from tests.helpers.shard_reading import pixels, read_samples
 
 TOOL = str(REPO / "tools" / "make_shards.py")
@@ -254,3 +262,82 @@ def test_filesystem_refusals_are_one_line_and_exit_2(tmp_path):
         proc = run_tool(*args)
         lines = proc.stderr.strip().splitlines()
         assert proc.returncode == 2 and len(lines) == 1 and says in lines[0], proc.stderr
+
+
+class _RunsCode:
+    """Unpickling it calls os.system: what a malicious pickle does."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.path}",)
+
+
+def _edit(change):
+    """Re-pickles the batch after `change(batch)`, as a damaged or hand-edited copy of the real file would be."""
+    def damage(path, _):
+        with open(path, "rb") as f:
+            batch = pickle.load(f, encoding="bytes")
+        change(batch)
+        with open(path, "wb") as f:
+            pickle.dump(batch, f, protocol=2)
+    return damage
+
+
+def _replace(data):
+    def damage(path, tmp_path):
+        with open(path, "wb") as f:
+            f.write(data(tmp_path) if callable(data) else data)
+    return damage
+
+
+def _truncate(path, _):
+    with open(path, "rb") as f:
+        data = f.read()
+    with open(path, "wb") as f:
+        f.write(data[: len(data) // 2])
+
+
+# case: (dataset, file, damage(path, tmp_path), what the one line says besides the file's name)
+_BAD_PICKLES = {
+    "truncated": ("cifar10", "test_batch", _truncate, "pickle data was truncated"),
+    "empty": ("cifar10", "test_batch", _replace(b""), "empty or truncated"),
+    "not a pickle": ("cifar10", "test_batch", _replace(b"<html>403 Forbidden</html>\n"), "not a readable CIFAR pickle"),
+    "runs code": ("cifar10", "test_batch", _replace(lambda t: pickle.dumps({b"data": _RunsCode(t / "pwned")})),
+                  "would call posix.system"),
+    "not a dict": ("cifar10", "test_batch", _replace(pickle.dumps([1, 2, 3])), "holds a list"),
+    "no data": ("cifar10", "test_batch", _edit(lambda b: b.pop(b"data")), "no 'data'"),
+    "no labels": ("cifar10", "test_batch", _edit(lambda b: b.pop(b"labels")), "no 'labels'"),
+    "wrong shape": ("cifar10", "test_batch", _edit(lambda b: b.update({b"data": b[b"data"][:, :1024]})),
+                    "N x 3072 uint8 array"),
+    "wrong dtype": ("cifar10", "test_batch", _edit(lambda b: b.update({b"data": b[b"data"] * 1.5})), "float64"),
+    "label out of range": ("cifar10", "data_batch_3", _edit(lambda b: b[b"labels"].__setitem__(2, 10)), "label 10"),
+    "labels not ints": ("cifar10", "test_batch", _edit(lambda b: b.update({b"labels": "abcdef"})),
+                        "a list of integers"),
+    "a label short": ("cifar10", "test_batch", _edit(lambda b: b[b"labels"].pop()), "5 labels for 6 images"),
+    "meta truncated": ("cifar10", "batches.meta", _truncate, "pickle data was truncated"),
+    "meta without names": ("cifar10", "batches.meta", _edit(lambda b: b.pop(b"label_names")), "no 'label_names'"),
+    "coarse label out of range": ("cifar100", "test", _edit(lambda b: b[b"coarse_labels"].__setitem__(0, 20)),
+                                  "label 20"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_BAD_PICKLES))
+def test_damaged_or_malicious_cifar_pickles_are_one_line_and_exit_2(tmp_path, case):
+    """Whatever is wrong with a CIFAR file, the user reads which file and what, and nothing is left that looks like
+    a converted split (no manifest, no shard); a pickle that would run code never runs it."""
+    dataset, name, damage, says = _BAD_PICKLES[case]
+    (make_cifar10 if dataset == "cifar10" else make_cifar100)(str(tmp_path / "src"))
+    folder = "cifar-10-batches-py" if dataset == "cifar10" else "cifar-100-python"
+    path = tmp_path / "src" / folder / name
+    damage(path, tmp_path)
+    split = "train" if name.startswith("data_batch") else "test"
+    labels = ("--labels", "coarse") if dataset == "cifar100" else ()
+    proc = run_tool(dataset, "--src", str(tmp_path / "src"), "--split", split, *labels, "--out", str(tmp_path / "out"))
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert lines[0].startswith(f"make_shards: error: {path}: ") and says in lines[0], lines[0]
+    assert not (tmp_path / "pwned").exists()
+    written = [p.name for p in (tmp_path / "out").rglob("*")] if (tmp_path / "out").exists() else []
+    assert not [n for n in written if n.endswith((".manifest.json", ".tar"))], written
