@@ -1,5 +1,7 @@
 """make_shards as users run it: the CLI, DALI reading the result, crashes and resume, verification, bad input."""
 
+import errno
+import fcntl
 import json
 import os
 import pickle
@@ -341,3 +343,70 @@ def test_damaged_or_malicious_cifar_pickles_are_one_line_and_exit_2(tmp_path, ca
     assert not (tmp_path / "pwned").exists()
     written = [p.name for p in (tmp_path / "out").rglob("*")] if (tmp_path / "out").exists() else []
     assert not [n for n in written if n.endswith((".manifest.json", ".tar"))], written
+
+
+def _wait_for(predicate, proc, what):
+    deadline = time.time() + 60
+    while not predicate():
+        assert proc.poll() is None and time.time() < deadline, f"no {what}: {proc.communicate()}"
+        time.sleep(0.005)
+
+
+def test_a_second_conversion_of_a_split_in_progress_refuses_and_a_killed_ones_lock_does_not_block(tmp_path):
+    """One conversion is paused mid-split: a second of the same split into the same folder refuses in one line naming
+    the first one's pid, touching nothing, and the first finishes intact. Killed instead, it leaves its lock file,
+    which blocks nothing: the next run resumes."""
+    for ending in (signal.SIGCONT, signal.SIGKILL):
+        out = tmp_path / ending.name
+        args = ["digits", "--split", "train", "--out", str(out), "--samples-per-shard", "20"]
+        lock, manifest = out / "digits-train.lock", out / "digits-train.manifest.json"
+        first = subprocess.Popen([sys.executable, TOOL, *args, "--quiet"], stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True)
+        _wait_for(lambda: manifest.exists() and json.loads(manifest.read_text())["shards"], first, "shard")
+        first.send_signal(signal.SIGSTOP)
+        before = sorted((p.name, p.stat().st_mtime_ns) for p in out.rglob("*"))
+        second = run_tool(*args, "--overwrite")
+        lines = second.stderr.strip().splitlines()
+        assert second.returncode == 2 and len(lines) == 1, second.stderr
+        assert lines[0].startswith(f"make_shards: error: another make_shards (pid {first.pid} on ") \
+            and f"is converting digits/train into {out}" in lines[0], lines[0]
+        assert sorted((p.name, p.stat().st_mtime_ns) for p in out.rglob("*")) == before
+        first.send_signal(ending)
+        first.send_signal(signal.SIGCONT)
+        first.wait(timeout=60)
+        assert first.returncode == (0 if ending == signal.SIGCONT else -signal.SIGKILL), first.stderr.read()
+        assert lock.exists() == (ending == signal.SIGKILL)  # a killed holder leaves the file, but not its lock
+        finished = run_tool(*args, "--verify")
+        assert finished.returncode == 0, finished.stderr
+        assert "already complete" in finished.stdout and "verify digits/train: OK" in finished.stdout
+        assert not lock.exists() and not (out / "_partial").exists()
+
+
+def test_conversions_of_one_split_started_together_never_spoil_each_other(tmp_path):
+    """Two identical conversions started at once (two terminals, a job submitted twice): each either finishes or
+    refuses in one line, and the output verifies."""
+    args = [sys.executable, TOOL, "digits", "--split", "test", "--samples-per-shard", "20", "--quiet"]
+    for attempt in range(3):
+        out = tmp_path / str(attempt)
+        procs = [subprocess.Popen([*args, "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True) for _ in range(2)]
+        results = [(proc.wait(timeout=120), proc.stderr.read()) for proc in procs]
+        assert sorted(code for code, _ in results) in ([0, 0], [0, 2]), results
+        for code, err in results:
+            assert code == 0 or (len(err.strip().splitlines()) == 1 and "another make_shards (pid" in err), err
+        verified = run_tool("digits", "--split", "test", "--out", str(out), "--verify-only")
+        assert verified.returncode == 0, verified.stderr
+
+
+def test_a_filesystem_without_locks_converts_with_a_warning(tmp_path, monkeypatch, capsys):
+    """Some Lustre and NFS mounts refuse flock: the conversion goes on unlocked and says so, rather than not at all."""
+    def refuse(fd, operation):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(fcntl, "flock", refuse)
+    summary = convert(build_source("digits", None, "test"), str(tmp_path), ConvertOptions(samples_per_shard=100),
+                      progress=False)
+    assert summary.samples == 359 and read_manifest(summary.manifest).complete
+    assert "the filesystem cannot lock (No locks available); do not run two conversions of digits/test" \
+        in capsys.readouterr().err
+    assert not (tmp_path / "digits-test.lock").exists()
