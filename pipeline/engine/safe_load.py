@@ -26,7 +26,7 @@ def safe_load(path: str, map_location=None):
 
 
 def torch_save(obj, path) -> None:
-    """torch.save through a Python file: see the module docstring."""
+    """torch.save through a Python file (see the module docstring), in the zip format Checkpoints.verify checks."""
     with open(path, "wb") as f:
         torch.save(obj, f)
 

@@ -54,13 +54,15 @@ def test_a_checkpoint_that_cannot_be_written_stops_the_run_and_keeps_the_previou
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "pipeline.train", *RUN, f"data.root={shards}", f"run_dir={run_dir}"],
                             cwd=REPO, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    first = run_dir / "checkpoints" / "step000000003"
-    deadline = time.time() + 240
-    while not (first / "COMPLETE.json").exists():
-        assert proc.poll() is None and time.time() < deadline, proc.communicate()[0][-4000:]
-        time.sleep(0.005)
-    limit(proc)  # the next checkpoint, step 6, is 3 steps and a loader restart away
-    out, _ = proc.communicate(timeout=240)
+    try:
+        deadline = time.time() + 240
+        while not (run_dir / "checkpoints" / "step000000003" / "COMPLETE.json").exists():
+            assert proc.poll() is None and time.time() < deadline, proc.communicate()[0][-4000:]
+            time.sleep(0.005)
+        limit(proc)  # the next checkpoint, step 6, is 3 steps and a loader restart away
+        out, _ = proc.communicate(timeout=240)
+    finally:
+        proc.kill()  # no-op once it has exited; else the tmpfs could not be unmounted
 
     line = (f"checkpoint at step 6 could not be written to {run_dir / 'checkpoints'}: {reason}; the previous "
             f"checkpoint (step 3) is kept")

@@ -39,7 +39,7 @@ def load_pickle(path: str) -> dict:
         except EOFError as err:
             raise SourceFileError(f"{path}: not a readable CIFAR pickle: empty or truncated") from err
         except Exception as err:  # what the unpickler makes of hostile bytes varies; the file is at fault either way
-            raise SourceFileError(f"{path}: not a readable CIFAR pickle: {err}") from err
+            raise SourceFileError(f"{path}: not a readable CIFAR pickle: {err or type(err).__name__}") from err
     if not isinstance(data, dict):
         raise SourceFileError(f"{path}: holds a {type(data).__name__}, not the dict of a CIFAR batch")
     return {k.decode() if isinstance(k, bytes) else k: v for k, v in data.items()}
