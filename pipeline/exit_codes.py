@@ -8,6 +8,8 @@
     2    BAD_CONFIG       bad configuration or command line: a user error, do not retry
     3    NON_FINITE_LOSS  a loss was NaN/inf: do not retry blindly, the same step would fail again
     4    BAD_DATA         unusable input data: fix the data, do not retry
+    5    STORAGE_FULL     a checkpoint could not be written (no space left, quota or file size limit reached); the
+                          previous checkpoint is kept: make room, then resume; a retry without that fails again
     143  STOPPED          stopped, to be resumed (128 + SIGTERM): what docker/entrypoint.sh and slurm/common.sh exit
                           with for a run that stopped before its end
 
@@ -29,6 +31,7 @@ ERROR = 1
 BAD_CONFIG = 2
 NON_FINITE_LOSS = 3
 BAD_DATA = 4
+STORAGE_FULL = 5
 STOPPED = 143
 
 

@@ -8,7 +8,9 @@ Layout of `run_dir`:
         encoder.safetensors
         COMPLETE.json
 
-A tag without COMPLETE.json was interrupted while saving and is ignored. Before loading, rank 0 checks the newest
+A tag without COMPLETE.json was interrupted while saving and is ignored; a save that fails removes its folder, and
+keep_last prunes older tags only once a newer one is complete. A full disk (or quota, or file size limit) while
+saving is StorageFull, which names the checkpoint that is kept. Before loading, rank 0 checks the newest
 complete tag (sizes, and the CRC of every member of every file: torch.save writes zip archives) and falls back to
 older ones with a warning until one passes; the verdict is broadcast, so all ranks load the same tag or none.
 (Without that, a corrupt file that only one rank reads would fail that rank alone and leave the others waiting.)
@@ -16,6 +18,7 @@ older ones with a warning until one passes; the verdict is broadcast, so all ran
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -26,13 +29,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import torch
 import torch.distributed as dist
 
 from pipeline.config.checks import ConfigError
 from pipeline.distributed import barrier, broadcast
 from pipeline.engine import rng
-from pipeline.engine.safe_load import safe_load
+from pipeline.engine.safe_load import safe_load, torch_save
 
 log = logging.getLogger(__name__)
 MARKER = "COMPLETE.json"
@@ -41,6 +43,24 @@ _TAG = re.compile(r"^step(\d{9})$")
 
 class RunDirError(ConfigError):
     """The run directory belongs to another experiment: a wrong run_dir, so a configuration error (exit 2)."""
+
+
+class StorageFull(RuntimeError):
+    """A checkpoint could not be written for lack of room; the previous one is kept (exit 5: make room, resume)."""
+
+
+_NO_ROOM = {errno.ENOSPC: ("no space left on device", "free space"),
+            errno.EDQUOT: ("disk quota exceeded", "free space or raise the quota"),
+            errno.EFBIG: ("a file would exceed the file size limit (ulimit -f)", "raise the limit")}
+
+
+def _no_room(err: BaseException | None) -> tuple[str, str] | None:
+    """Why there was no room and what to do, if an OSError saying so is in `err`'s chain (torch wraps it)."""
+    while err is not None:
+        if isinstance(err, OSError) and err.errno in _NO_ROOM:
+            return _NO_ROOM[err.errno]
+        err = err.__cause__ or err.__context__
+    return None
 
 
 def tag_for(step: int) -> str:
@@ -138,21 +158,36 @@ class Checkpoints:
 
     # -- saving ---------------------------------------------------------------------------------------------------
     def save(self, engine, step: int, client_state: dict, extras: Callable[[Path], None] | None = None) -> Path:
-        """Collective: every rank must call it at the same step."""
+        """Collective: every rank must call it at the same step. A rank whose write fails removes the step's folder
+        and raises (StorageFull when there was no room); the others then fail at their next collective."""
         tag = tag_for(step)
         folder = self.dir / tag
-        engine.save_checkpoint(str(self.dir), tag=tag, client_state=client_state, save_latest=True)
-        torch.save(rng.capture(), folder / f"rng_rank{self.rank}.pt")
-        if extras is not None:
-            extras(folder)
-        barrier()
+        try:
+            engine.save_checkpoint(str(self.dir), tag=tag, client_state=client_state, save_latest=True)
+            torch_save(rng.capture(), folder / f"rng_rank{self.rank}.pt")
+            if extras is not None:
+                extras(folder)
+            barrier()
+            if self.rank == 0:
+                files = {p.name: p.stat().st_size for p in sorted(folder.iterdir())
+                         if p.is_file() and p.name != MARKER}
+                tmp = folder / (MARKER + ".tmp")
+                marker = {"step": step, "world_size": dist.get_world_size() if dist.is_initialized() else 1,
+                          "zero_stage": int(engine.zero_optimization_stage()), "files": files}
+                tmp.write_text(json.dumps(marker, indent=1))
+                tmp.replace(folder / MARKER)
+        except Exception as err:
+            shutil.rmtree(folder, ignore_errors=True)  # also frees the room for status.json
+            no_room = _no_room(err)
+            if no_room is None:
+                raise
+            reason, remedy = no_room
+            kept = self.complete_tags()
+            then = (f"the previous checkpoint (step {int(kept[-1][4:])}) is kept; {remedy} and re-run to resume from "
+                    "it" if kept else f"there is no earlier checkpoint; {remedy} and re-run")
+            raise StorageFull(f"checkpoint at step {step} could not be written to {self.dir}: {reason}; {then}") \
+                from err
         if self.rank == 0:
-            files = {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file() and p.name != MARKER}
-            tmp = folder / (MARKER + ".tmp")
-            marker = {"step": step, "world_size": dist.get_world_size() if dist.is_initialized() else 1,
-                      "zero_stage": int(engine.zero_optimization_stage()), "files": files}
-            tmp.write_text(json.dumps(marker, indent=1))
-            tmp.replace(folder / MARKER)
             self._prune(tag)
         barrier()
         return folder

@@ -35,7 +35,7 @@ from pipeline.config.checks import ConfigError, check_launch, check_shards, chec
 from pipeline.data.loading.loader import EVAL_VIEWS, BadSampleError, loader_for
 from pipeline.distributed import all_reduce_sum, resolve
 from pipeline.engine import rng, run_status
-from pipeline.engine.checkpoint import Checkpoints
+from pipeline.engine.checkpoint import Checkpoints, StorageFull
 from pipeline.engine.deepspeed_engine import BatchGeometry, build_engine, init_distributed
 from pipeline.engine.export import encoder_state, save_encoder
 from pipeline.engine.run_logger import RunLogger, image_grid
@@ -197,6 +197,9 @@ class Trainer:
             raise
         except (BadData, BadSampleError) as err:
             record("failed", str(err), exit_codes.BAD_DATA)
+            raise
+        except StorageFull as err:
+            record("failed", str(err), exit_codes.STORAGE_FULL)
             raise
         except Exception as err:
             record("failed", f"{type(err).__name__}: {err}", exit_codes.ERROR)
