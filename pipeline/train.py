@@ -9,7 +9,8 @@
 Configs live in configs/ (schemas: pipeline/config/schema.py). A mistyped key stops here, before anything
 starts, with the key and the valid ones. Re-running the same command resumes from the newest checkpoint in run_dir.
 Exit status (pipeline/exit_codes.py): 0 finished, or stopped by SIGTERM/SIGUSR1 after checkpointing (run_dir/status.json
-says which), 2 bad config, 3 non-finite loss, 4 unusable data (more bad samples than data.max_bad_fraction allows).
+says which), 2 bad config, 3 non-finite loss, 4 unusable data (more bad samples than data.max_bad_fraction allows),
+143 stopped by a signal while blocked (in a collective, a wait) for dist.stop_grace_s.
 """
 
 from __future__ import annotations

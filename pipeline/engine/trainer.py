@@ -14,7 +14,8 @@ losses as an uninterrupted one (bit for bit on the CPU at the same world size).
 
 Exit: returns "done" or "stopped" (a SIGTERM/SIGUSR1 made it checkpoint and stop); raises NonFiniteLoss naming the
 step and the last good checkpoint when a loss is NaN/inf (nothing is saved then). Rank 0 records which in
-run_dir/status.json (pipeline/engine/run_status.py), "running" from the start of training.
+run_dir/status.json (pipeline/engine/run_status.py), "running" from the start of training. Where the main thread is
+blocked and cannot act, the watchdog (pipeline/engine/watchdog.py) records the end and exits.
 """
 
 from __future__ import annotations
@@ -178,8 +179,7 @@ class Trainer:
                                         attempt_started=started, reason=reason, exit_code=exit_code)
 
         record("running")
-        self.watchdog = Watchdog(self.cfg.dist.timeout_s,
-                                 lambda reason: record("failed", reason, exit_codes.ERROR)).start()
+        self.watchdog = Watchdog(self.cfg.dist.timeout_s, record, self.cfg.dist.stop_grace_s, signals).start()
         try:
             while self.step < self.total_steps and status == "done":
                 status = self._epoch(signals)
@@ -231,6 +231,7 @@ class Trainer:
             if dist.is_initialized():
                 dist.all_reduce(flags, op=dist.ReduceOp.SUM)
             stop, non_finite, bad = flags.tolist()
+            signals.agreed = bool(stop)  # the watchdog lets the main loop stop at the end of this step
             bad_seen += int(bad)
             if bad_seen > bad_allowed:
                 raise BadData(f"{bad_seen} unusable samples in epoch {batch.epoch} of {len(self.loader.index)}, more "

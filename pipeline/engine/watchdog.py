@@ -1,11 +1,16 @@
-"""Nothing hangs forever: a thread that ends the process when training stops making progress.
+"""Nothing hangs forever: a thread that ends the process when the main thread cannot.
 
 The process group's timeout (dist.timeout_s) covers collectives that go through torch.distributed, but not every
-wait can time out: a loader whose worker process was killed waits for a batch that never comes, and a rank whose
-peer froze was once seen here (on a loaded 2-core machine) still blocked well past the group's timeout. The
-trainer beats the watchdog at every micro-step; when no beat comes for `timeout_s`, the watchdog calls `on_expire`
-(which records the failure) and ends the process with exit status 1. Long phases that are not steps (a checkpoint, a
-kNN pass) pause it.
+wait can time out. The watchdog ends the process, after `on_expire` has recorded why (status.json), in two cases:
+
+- no progress: the trainer beats the watchdog at every micro-step; no beat for `timeout_s` (a rank whose peer froze
+  was once seen here, on a loaded 2-core machine, still blocked well past the group's timeout): exit 1;
+- a stop signal the main loop does not act on: SIGTERM/SIGUSR1 make the ranks agree to stop at the next step; when
+  they have not `grace_s` after the signal (or after the last progress since), the main thread is blocked in a
+  collective or a wait: exit 143, keeping the last checkpoint (stop_signals.py).
+
+Long phases that are not steps (a checkpoint, a kNN pass) pause the watch: no beats are expected, and a stop signal
+whose handler ran waits for their end (the main thread runs Python; only a thread blocked in C++ cannot run it).
 """
 
 from __future__ import annotations
@@ -13,16 +18,39 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 import threading
 import time
+import traceback
+from pathlib import Path
 from typing import Callable
+
+from pipeline import exit_codes
+from pipeline.engine.stop_signals import StopSignals
 
 log = logging.getLogger(__name__)
 
 
+def main_thread_at() -> str:
+    """Where the main thread is: its innermost call, and the innermost one in this package (the trainer's)."""
+    frame = sys._current_frames().get(threading.main_thread().ident)
+    calls = [(f.f_code.co_name, f.f_code.co_filename, line) for f, line in traceback.walk_stack(frame)] if frame else []
+    if not calls:
+        return "an unknown call"
+    ours = next((call for call in calls if f"{os.sep}pipeline{os.sep}" in call[1]), None)
+    return _call(*calls[0]) + (f" from {_call(*ours)}" if ours and ours != calls[0] else "")
+
+
+def _call(name: str, path: str, line: int) -> str:
+    return f"{name} ({Path(path).name}:{line})"
+
+
 class Watchdog:
-    def __init__(self, timeout_s: float, on_expire: Callable[[str], None], poll_s: float = 1.0):
-        self.timeout_s, self.on_expire, self.poll_s = timeout_s, on_expire, poll_s
+    def __init__(self, timeout_s: float, on_expire: Callable[[str, str, int], None], grace_s: float = 20.0,
+                 signals: StopSignals | None = None, poll_s: float = 0.5):
+        """on_expire(status, reason, exit_code) records the end."""
+        self.timeout_s, self.on_expire, self.grace_s, self.poll_s = timeout_s, on_expire, grace_s, poll_s
+        self.signals = signals
         self.last, self.paused_depth = time.monotonic(), 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="augssl-watchdog", daemon=True)
@@ -34,6 +62,7 @@ class Watchdog:
 
     def stop(self) -> None:
         self._stop.set()
+        self._thread.join()
 
     def beat(self) -> None:
         self.last = time.monotonic()
@@ -49,12 +78,18 @@ class Watchdog:
 
     def _watch(self) -> None:
         while not self._stop.wait(self.poll_s):
-            idle = time.monotonic() - self.last
-            if self.paused_depth == 0 and idle > self.timeout_s:
-                reason = (f"no training progress for {idle:.0f} s (dist.timeout_s={self.timeout_s:g}): a peer rank "
-                          "or a loader worker stopped answering")
-                log.error("%s; exiting", reason)
-                try:
-                    self.on_expire(reason)
-                finally:
-                    os._exit(1)
+            now, paused = time.monotonic(), self.paused_depth > 0
+            stop = self.signals.arrived() if self.signals else None
+            if not paused and now - self.last > self.timeout_s:
+                self._end("failed", f"no training progress for {now - self.last:.0f} s (dist.timeout_s="
+                          f"{self.timeout_s:g}), blocked in {main_thread_at()}", exit_codes.ERROR)
+            elif (stop and not self.signals.agreed and not (paused and self.signals.received)
+                  and now - max(stop[1], self.last) > self.grace_s):
+                self._end("stopped", f"{stop[0]} while blocked in {main_thread_at()}", exit_codes.STOPPED)
+
+    def _end(self, status: str, reason: str, exit_code: int) -> None:
+        log.error("%s; exiting", reason)
+        try:
+            self.on_expire(status, reason, exit_code)
+        finally:
+            os._exit(exit_code)
