@@ -4,7 +4,8 @@
                           SIGTERM/SIGUSR1 (run_dir/status.json says which); the launch wrappers turn "stopped"
                           into 143, so that the run is resumed instead of counted as finished
     1    ERROR            any other failure (Python's status for an uncaught exception): a crash or an
-                          infrastructure fault (no progress for dist.timeout_s); a retry may help
+                          infrastructure fault (a DALI reader worker that died, no progress for dist.timeout_s);
+                          a retry may help
     2    BAD_CONFIG       bad configuration or command line: a user error, do not retry
     3    NON_FINITE_LOSS  a loss was NaN/inf: do not retry blindly, the same step would fail again
     4    BAD_DATA         unusable input data: fix the data, do not retry

@@ -1,5 +1,6 @@
 """A trainer blocked in a wait that does not end by itself still ends, promptly and saying why, keeping its last
-checkpoint: SIGTERM to a rank blocked in a collective (its peer frozen with SIGSTOP, as test_peer_death does) ends it
+checkpoint: a DALI reader worker killed mid-run (the OOM killer's way) ends the run with exit 1 naming the worker, not
+the data; SIGTERM to a rank blocked in a collective (its peer frozen with SIGSTOP, as test_peer_death does) ends it
 with exit 143 within dist.stop_grace_s, although the signal's Python handler cannot run there."""
 
 import json
@@ -44,6 +45,34 @@ def expect_no_process_left(pids: set[int]) -> None:
     while any(running(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not [p for p in pids if running(p)]
+
+
+def test_a_killed_reader_worker_ends_the_run_naming_it(shards, tmp_path):
+    run_dir = tmp_path / "run"
+    # a checkpoint restarts the input stream (new workers): kill one in the middle of a stream's life
+    proc = trainer(shards, run_dir, "data.loader.read_workers=2", "checkpoint.every_steps=5")
+    try:
+        wait_for_step(run_dir, 6, [proc])
+        command = Path(f"/proc/{proc.pid}/cmdline").read_bytes()
+        run = descendants(proc.pid)
+        workers = sorted(p for p in run if Path(f"/proc/{p}/cmdline").read_bytes() == command)  # forked by DALI
+        assert len(workers) == 2, run
+        os.kill(workers[0], signal.SIGKILL)
+        killed = time.monotonic()
+        out, _ = proc.communicate(timeout=60)
+        took = time.monotonic() - killed
+        print(f"ended {took:.1f} s after the kill")
+        reason = f"DALI reader worker {workers[0]} of rank 0 died (SIGKILL: out of memory?)"
+        assert proc.returncode == 1 and took < 15, out[-3000:]
+        assert reason in out and "Traceback" not in out and "DALI failed" not in out, out[-3000:]
+        status = json.loads((run_dir / "status.json").read_text())
+        assert (status["status"], status["exit_code"], status["reason"]) == ("failed", 1, reason)
+        assert newest_checkpoint_is_intact(run_dir) == status["step"] >= 6  # saved at the step the worker died in
+        expect_no_process_left(run)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
 
 
 def test_sigterm_to_a_rank_blocked_in_a_collective_exits_143_within_the_grace(shards, tmp_path):

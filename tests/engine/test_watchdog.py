@@ -1,6 +1,8 @@
 """The watchdog ends a process whose main thread cannot end it, after recording why: no progress (exit 1), a stop
-signal the main loop does not act on (exit 143). It leaves a beating, paused, or stopping one alone."""
+signal the main loop does not act on (exit 143), a dead reader worker (it names the worker and kills the others, so
+that the main loop's wait ends). It leaves a beating, paused, or stopping one alone."""
 
+import multiprocessing
 import os
 import signal
 import subprocess
@@ -84,6 +86,27 @@ def test_a_forked_worker_does_not_signal_for_the_trainer():
         assert signals.arrived() is None and signals.received is None
     finally:
         signals.uninstall()
+
+
+def test_a_dead_worker_is_named_and_the_others_killed():
+    context = multiprocessing.get_context("fork")
+    workers = [context.Process(target=time.sleep, args=(30,)) for _ in range(3)]
+    for w in workers:
+        w.start()
+    dog = Watchdog(60, None, workers=lambda: workers, rank=2, poll_s=0.05).start()
+    try:
+        workers[2].terminate()  # SIGTERM: a stop, as DALI closes a stream; not a death to report
+        workers[2].join()
+        assert not dog.worker_died.wait(0.5)
+        os.kill(workers[1].pid, signal.SIGKILL)
+        assert dog.worker_died.wait(5)
+        assert dog.dead_worker == f"DALI reader worker {workers[1].pid} of rank 2 died (SIGKILL: out of memory?)"
+        workers[0].join(5)
+        assert workers[0].exitcode == -signal.SIGKILL
+    finally:
+        dog.stop()
+        for w in workers:
+            w.kill()
 
 
 def test_beats_and_pauses_keep_it_quiet():
