@@ -9,8 +9,9 @@
 Configs live in configs/ (schemas: pipeline/config/schema.py). A mistyped key stops here, before anything
 starts, with the key and the valid ones. Re-running the same command resumes from the newest checkpoint in run_dir.
 Exit status (pipeline/exit_codes.py): 0 finished, or stopped by SIGTERM/SIGUSR1 after checkpointing (run_dir/status.json
-says which), 2 bad config, 3 non-finite loss, 4 unusable data (more bad samples than data.max_bad_fraction allows),
-5 a checkpoint could not be written for lack of room (the previous one is kept).
+says which), 1 a failure (such as a loader worker that died), 2 bad config, 3 non-finite loss, 4 unusable data (more
+bad samples than data.max_bad_fraction allows), 5 a checkpoint could not be written for lack of room (the previous
+one is kept), 143 stopped by a signal while blocked (in a collective, a wait) for dist.stop_grace_s.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from omegaconf import DictConfig
 
 from pipeline.config import schema
 from pipeline.config.compose import VERSION_BASE, exit_if_bad_cli
-from pipeline.exit_codes import BAD_CONFIG, BAD_DATA, NON_FINITE_LOSS, STORAGE_FULL, exit_with
+from pipeline.exit_codes import BAD_CONFIG, BAD_DATA, ERROR, NON_FINITE_LOSS, STORAGE_FULL, exit_with
 from pipeline.redact import redact, redact_logs
 
 schema.register()
@@ -34,7 +35,7 @@ def _app(cfg: DictConfig) -> None:
     from pipeline.config.checks import ConfigError
     from pipeline.data.loading.loader import BadSampleError
     from pipeline.engine.checkpoint import StorageFull
-    from pipeline.engine.trainer import BadData, NonFiniteLoss, Trainer
+    from pipeline.engine.trainer import BadData, NonFiniteLoss, ReaderWorkerDied, Trainer
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     redact_logs()
@@ -52,6 +53,9 @@ def _app(cfg: DictConfig) -> None:
     except StorageFull as err:
         logging.getLogger(__name__).error("%s", err)
         exit_with(STORAGE_FULL)
+    except ReaderWorkerDied as err:
+        logging.getLogger(__name__).error("%s", err)
+        exit_with(ERROR)
     # "done" and "stopped" both exit 0 (FINISHED): a non-zero worker would make torchrun and srun stop the other
     # ranks while they checkpoint; the launch wrappers read status.json and turn "stopped" into 143
     logging.getLogger(__name__).info("training %s", status)

@@ -172,6 +172,9 @@ class DistConfig:
     # a collective that waits longer (a peer process or node died) fails the run instead of hanging; it must cover
     # the slowest step between two collectives: a checkpoint, a kNN pass, DALI's start-up
     timeout_s: float = greater_than(0.0, 600.0)
+    # how long the main loop has to act on SIGTERM/SIGUSR1 (or on a dead loader worker) before the watchdog ends the
+    # process itself (exit 143, or 1): it is blocked in a collective or a wait. Below Slurm's KillWait (30 s)
+    stop_grace_s: float = greater_than(0.0, 20.0)
 
 
 @dataclass

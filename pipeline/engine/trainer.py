@@ -13,8 +13,10 @@ so a run resumed from any checkpoint, at any world size, sees the views an unint
 world size computes the same losses (bit for bit on the CPU); the input stream runs on through checkpoints.
 
 Exit: returns "done" or "stopped" (a SIGTERM/SIGUSR1 made it checkpoint and stop); raises NonFiniteLoss naming the
-step and the last good checkpoint when a loss is NaN/inf (nothing is saved then). Rank 0 records which in
-run_dir/status.json (pipeline/engine/run_status.py), "running" from the start of training.
+step and the last good checkpoint when a loss is NaN/inf (nothing is saved then), ReaderWorkerDied naming a loader
+worker process that died (after a checkpoint, when training on one rank). Rank 0 records which in run_dir/status.json
+(pipeline/engine/run_status.py), "running" from the start of training. Where the main thread is blocked and cannot
+act, the watchdog (pipeline/engine/watchdog.py) records the end and exits.
 """
 
 from __future__ import annotations
@@ -56,6 +58,10 @@ class NonFiniteLoss(RuntimeError):
 
 class BadData(RuntimeError):
     """More samples of an epoch were unusable than data.max_bad_fraction allows; training stopped without saving."""
+
+
+class ReaderWorkerDied(RuntimeError):
+    """A DALI reader worker process died (killed, crashed): the input stream cannot go on."""
 
 
 def fingerprint(cfg: DictConfig) -> dict:
@@ -177,8 +183,8 @@ class Trainer:
                                         attempt_started=started, reason=reason, exit_code=exit_code)
 
         record("running")
-        self.watchdog = Watchdog(self.cfg.dist.timeout_s,
-                                 lambda reason: record("failed", reason, exit_codes.ERROR)).start()
+        self.watchdog = Watchdog(self.cfg.dist.timeout_s, record, self.cfg.dist.stop_grace_s, signals,
+                                 self.loader.reader_workers, self.rank).start()
         try:
             while self.step < self.total_steps and status == "done":
                 status = self._epoch(signals)
@@ -201,6 +207,11 @@ class Trainer:
         except StorageFull as err:
             record("failed", str(err), exit_codes.STORAGE_FULL)
             raise
+        except ReaderWorkerDied as err:
+            if self.world == 1 and self.micro % self.ga == 0 and 0 < self.step != self.last_saved:
+                self.save()  # not with several ranks: a checkpoint is collective, and they wait in the all-reduce
+            record("failed", str(err), exit_codes.ERROR)
+            raise
         except Exception as err:
             record("failed", f"{type(err).__name__}: {err}", exit_codes.ERROR)
             raise
@@ -219,7 +230,7 @@ class Trainer:
         batches = iter(self.loader)
         while self.step < self.total_steps:
             tick = time.perf_counter()
-            batch = next(batches, None)
+            batch = self._next(batches)
             if batch is None:
                 return "done"
             self.window["data"] += time.perf_counter() - tick
@@ -233,6 +244,7 @@ class Trainer:
             if dist.is_initialized():
                 dist.all_reduce(flags, op=dist.ReduceOp.SUM)
             stop, non_finite, bad = flags.tolist()
+            signals.agreed = bool(stop)  # the watchdog lets the main loop stop at the end of this step
             bad_seen += int(bad)
             if bad_seen > bad_allowed:
                 raise BadData(f"{bad_seen} unusable samples in epoch {batch.epoch} of {len(self.loader.index)}, more "
@@ -261,6 +273,19 @@ class Trainer:
                 self.save()
                 return "stopped"
         return "done"
+
+    def _next(self, batches):
+        """The next batch (None at the end of the epoch), unless a reader worker died. DALI's failure on the batch
+        that worker held reads like bad data: the error names the worker instead of the samples."""
+        try:
+            batch = next(batches, None)
+        except Exception as err:
+            if self.watchdog.worker_died.wait(2 * self.watchdog.poll_s):
+                raise ReaderWorkerDied(self.watchdog.dead_worker) from err
+            raise
+        if self.watchdog.dead_worker:
+            raise ReaderWorkerDied(self.watchdog.dead_worker)
+        return batch
 
     def _knn_due(self, epochs_done: int) -> bool:
         every = self.cfg.monitor.knn_every_epochs

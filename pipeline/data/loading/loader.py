@@ -256,6 +256,12 @@ class ShardLoader:
         """Stops the DALI pipeline and its worker processes (a later iteration starts a new one where it left off)."""
         self._stream = None  # dropping the pipeline shuts it and its workers down
 
+    def reader_workers(self) -> list:
+        """The running stream's reader worker processes (multiprocessing.Process; none between streams), for the
+        trainer's watchdog: DALI waits forever for the batch of one that died. DALI 2.4 keeps them in its pool."""
+        pool = self._stream and self._stream.pipe._py_pool
+        return list(pool.pool._processes) if pool else []
+
 
 EVAL_VIEWS = {"image": "center_crop"}  # one deterministic view: evaluation passes and feature banks
 
