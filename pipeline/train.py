@@ -5,9 +5,11 @@
     srun python -m pipeline.train experiment=stl10_aasae            # Slurm: one task per GPU
     python -m pipeline.train experiment=smoke method=aag            # minutes on a CPU (digits shards)
     python -m pipeline.train --cfg job experiment=cifar10_aag       # print the composed config
+    python -m pipeline.train -m experiment=smoke optimizer.lr=0.01,0.02  # a sweep: one run dir per point
 
 Configs live in configs/ (schemas: pipeline/config/schema.py). A mistyped key stops here, before anything
-starts, with the key and the valid ones. Re-running the same command resumes from the newest checkpoint in run_dir.
+starts, with the key and the valid ones. Re-running the same command resumes from the newest checkpoint in run_dir;
+a command whose weight-shaping settings differ from the run's is refused unless checkpoint.resume=force.
 Exit status (pipeline/exit_codes.py): 0 finished, or stopped by SIGTERM/SIGUSR1 after checkpointing (run_dir/status.json
 says which), 2 bad config, 3 non-finite loss, 4 unusable data (more bad samples than data.max_bad_fraction allows).
 """
