@@ -37,7 +37,7 @@ from pipeline.config.checks import ConfigError, check_launch, check_shards, chec
 from pipeline.data.loading.loader import EVAL_VIEWS, BadSampleError, loader_for
 from pipeline.distributed import all_reduce_sum, resolve
 from pipeline.engine import rng, run_status
-from pipeline.engine.checkpoint import Checkpoints, StorageFull
+from pipeline.engine.checkpoint import Checkpoints, StorageFull, flat
 from pipeline.engine.deepspeed_engine import BatchGeometry, build_engine, init_distributed
 from pipeline.engine.export import encoder_state, save_encoder
 from pipeline.engine.run_logger import RunLogger, image_grid
@@ -64,12 +64,21 @@ class ReaderWorkerDied(RuntimeError):
     """A DALI reader worker process died (killed, crashed): the input stream cannot go on."""
 
 
+# Keys that do not shape the trained weights, so a run dir resumes across changes to them: where a run lives, what it
+# reports, how fast it runs. They change at most the random draws (as the world size does), never the recipe. Every
+# other key, a new one included, is in the fingerprint; docs/distributed.md (Checkpoints) says which and why.
+FREE_KEYS = ("run_dir", "logger", "checkpoint", "monitor.knn_every_epochs", "monitor.knn_k", "monitor.knn_temperature",
+             "dist", "export_encoder", "data.root", "data.bank_split", "data.test_split", "data.max_bad_fraction",
+             "data.loader.device", "data.loader.num_threads", "data.loader.read_workers", "data.loader.prefetch",
+             "data.loader.io", "data.loader.channels_last", "data.loader.strict", "data.loader.max_pixels",
+             "deepspeed.overlap_comm", "deepspeed.reduce_bucket_size")
+
+
 def fingerprint(cfg: DictConfig) -> dict:
-    """What must match for a run dir's checkpoints to be this experiment's: the name and everything that shapes
-    the weights."""
-    return {"experiment_name": cfg.experiment_name, "method": OmegaConf.to_container(cfg.method, resolve=True),
-            "backbone": OmegaConf.to_container(cfg.backbone, resolve=True), "dataset": cfg.data.dataset,
-            "stem": cfg.data.stem, "image_size": cfg.data.image_size}
+    """What must match for a run dir's checkpoints to be continued by this config: every resolved key that shapes
+    the weights, flat ("optimizer.lr"), so that a refusal names each key that differs."""
+    return {key: value for key, value in flat(redacted_config(cfg)).items()
+            if not any(key == free or key.startswith(f"{free}.") for free in FREE_KEYS)}
 
 
 def _mean_over_ranks(values: dict[str, torch.Tensor], world: int) -> dict[str, float]:
@@ -97,7 +106,8 @@ class Trainer:
         self.dtype = DTYPES[cfg.deepspeed.precision]
         self.run_dir = Path(cfg.run_dir)
         self.checkpoints = Checkpoints(self.run_dir, fingerprint(cfg), cfg.checkpoint.keep_last)
-        self.checkpoints.claim()  # before anything slow: a wrong run_dir fails at once
+        # before anything slow: a wrong run_dir fails at once
+        self.forced = self.checkpoints.claim(force=cfg.checkpoint.resume == "force")
         self.geometry = BatchGeometry(cfg.data.batch_size, self.world, cfg.deepspeed.grad_accum_steps).check()
         self.ga = cfg.deepspeed.grad_accum_steps
 
@@ -122,6 +132,8 @@ class Trainer:
             raise ConfigError(f"checkpoint.resume=false: {self.run_dir} holds checkpoints; choose another run_dir "
                               "(or resume)")
         self.logger = RunLogger(cfg, self.run_dir, self.rank == 0, self.wandb_id, self.total_steps, self.step)
+        if self.forced:
+            self.logger.add_config({"resume_forced": {"step": self.step, "changed": self.forced}})
         if self.rank == 0:
             OmegaConf.save(OmegaConf.create(redacted_config(cfg)), self.run_dir / "config.yaml")
 

@@ -219,7 +219,8 @@ def test_resume_at_another_world_size_continues_the_data_position(matrix, shards
     run_dir = matrix / "zero0_aag"
     before = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert before[-1]["step"] == STEPS and before[-1]["samples"] == STEPS * 16
-    out = finish(torchrun(["-m", "pipeline.train", *overrides(shards, str(run_dir), "aag", 0, STEPS + 3)], nproc=1))
+    longer = [*overrides(shards, str(run_dir), "aag", 0, STEPS + 3), "checkpoint.resume=force"]  # max_steps changed
+    out = finish(torchrun(["-m", "pipeline.train", *longer], nproc=1))
     assert "world size 2 -> 1" in out
     after = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()[len(before):]]
     assert [(r["step"], r["samples"]) for r in after if "samples" in r] == [
