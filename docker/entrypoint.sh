@@ -16,8 +16,8 @@
 # whichever pod) writes; a status.json not written since this container started is an earlier attempt's and counts
 # as not finished:
 #   - when this container was told to stop (signal or stop file), it exits 143 whatever the command returned;
-#   - when the trainer wrote a code to $AUGSSL_EXIT_FILE (2 bad config, 3 non-finite loss) and the command failed,
-#     it exits with that, though torchrun reports any failed worker as 1;
+#   - when the trainer wrote a code to $AUGSSL_EXIT_FILE (2 bad config, 3 non-finite loss, 4 unusable data, 5 no room
+#     for a checkpoint) and the command failed, it exits with that, though torchrun reports any failed worker as 1;
 #   - status "done": 0; "stopped" (the trainers of all pods checkpointed and stopped because one pod was signalled):
 #     143; "failed": the exit code in status.json;
 #   - otherwise (no status of this attempt, or "running"): the command's exit status, but 143 instead of 0.

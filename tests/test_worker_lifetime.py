@@ -7,30 +7,9 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 from tests.helpers import REPO
-
-
-def descendants(pid: int) -> set[int]:
-    found, todo = set(), [pid]
-    while todo:
-        for task in Path(f"/proc/{todo.pop()}/task").glob("*"):
-            try:
-                children = {int(c) for c in (task / "children").read_text().split()}
-            except OSError:
-                continue
-            todo += children - found
-            found |= children
-    return found
-
-
-def running(pid: int) -> bool:
-    """Alive and not a zombie (an orphaned zombie waits for PID 1 to reap it, which costs nothing)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
+from tests.helpers.processes import descendants, running
 
 
 def kill_and_expect_no_workers(proc: subprocess.Popen) -> None:

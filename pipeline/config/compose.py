@@ -92,11 +92,8 @@ _FLAGS_WITH_VALUE = {"--config-name", "-cn", "--config-path", "-cp", "--config-d
                      "--package", "-p", "--experimental-rerun", "--info", "-i"}
 
 
-def precheck_cli(config_name: str, argv: list[str]) -> str | None:
-    """For a single run's command line: the reason its overrides do not compose or its run cannot start (values,
-    world size, shards), or None. Multirun sweeps are left to Hydra (their comma lists are not single values)."""
-    if "-m" in argv or "--multirun" in argv or any(a in ("--help", "-h", "--hydra-help") for a in argv):
-        return None
+def cli_overrides(config_name: str, argv: list[str]) -> tuple[str, list[str]]:
+    """The config name and the overrides of an entry point's command line, as Hydra will read them."""
     overrides, flag = [], None
     for arg in argv:
         if flag is not None:
@@ -108,6 +105,15 @@ def precheck_cli(config_name: str, argv: list[str]) -> str | None:
             config_name = arg.split("=", 1)[1]
         elif not arg.startswith("-"):
             overrides.append(arg)
+    return config_name, overrides
+
+
+def precheck_cli(config_name: str, argv: list[str]) -> str | None:
+    """For a single run's command line: the reason its overrides do not compose or its run cannot start (values,
+    world size, shards), or None. Multirun sweeps are left to Hydra (their comma lists are not single values)."""
+    if "-m" in argv or "--multirun" in argv or any(a in ("--help", "-h", "--hydra-help") for a in argv):
+        return None
+    config_name, overrides = cli_overrides(config_name, argv)
     try:
         cfg = load(config_name, [o for o in overrides if not o.startswith(("hydra.", "hydra/", "+hydra", "~hydra"))])
         check_run(config_name, cfg)

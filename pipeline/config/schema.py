@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import II, MISSING, OmegaConf
@@ -162,7 +162,10 @@ class CheckpointConfig:
     # optimizer steps between checkpoints (one is always written at the end); 0 = end only
     every_steps: int = at_least(0, 1000)
     keep_last: int = at_least(1, 3)
-    resume: bool = True  # continue from the newest valid checkpoint in run_dir
+    # continue from the newest valid checkpoint in run_dir. A run dir made with other weight-shaping settings is
+    # refused unless "force": for changes on purpose (more epochs, a lower lr after a divergence), recorded in
+    # run_dir/experiment.json
+    resume: Union[bool, str] = one_of((True, False, "force"), True)
 
 
 @dataclass
@@ -178,6 +181,9 @@ class DistConfig:
     # a collective that waits longer (a peer process or node died) fails the run instead of hanging; it must cover
     # the slowest step between two collectives: a checkpoint, a kNN pass, DALI's start-up
     timeout_s: float = greater_than(0.0, 600.0)
+    # how long the main loop has to act on SIGTERM/SIGUSR1 (or on a dead loader worker) before the watchdog ends the
+    # process itself (exit 143, or 1): it is blocked in a collective or a wait. Below Slurm's KillWait (30 s)
+    stop_grace_s: float = greater_than(0.0, 20.0)
 
 
 @dataclass

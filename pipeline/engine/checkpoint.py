@@ -1,14 +1,18 @@
 """Checkpoints of one run directory: save, keep the last K, find the newest usable one, refuse foreign ones.
 
 Layout of `run_dir`:
-    experiment.json                  what this run dir is for (fingerprint); a run with another fingerprint is refused
+    experiment.json                  what this run dir is for: the fingerprint of the settings that shaped its weights,
+                                     and the changes `checkpoint.resume=force` accepted since; a run with another
+                                     fingerprint is refused
     checkpoints/step000001000/       one DeepSpeed checkpoint (every rank writes its files: save_checkpoint is
         *.pt                         collective), plus per-rank RNG states, the exported encoder, and
         rng_rank{r}.pt               COMPLETE.json: written by rank 0 last, listing every file with its size.
         encoder.safetensors
         COMPLETE.json
 
-A tag without COMPLETE.json was interrupted while saving and is ignored. Before loading, rank 0 checks the newest
+A tag without COMPLETE.json was interrupted while saving and is ignored; a save that fails removes its folder, and
+keep_last prunes older tags only once a newer one is complete. A full disk (or quota, or file size limit) while
+saving is StorageFull, which names the checkpoint that is kept. Before loading, rank 0 checks the newest
 complete tag (sizes, and the CRC of every member of every file: torch.save writes zip archives) and falls back to
 older ones with a warning until one passes; the verdict is broadcast, so all ranks load the same tag or none.
 (Without that, a corrupt file that only one rank reads would fail that rank alone and leave the others waiting.)
@@ -16,6 +20,7 @@ older ones with a warning until one passes; the verdict is broadcast, so all ran
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -26,21 +31,72 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import torch
 import torch.distributed as dist
 
 from pipeline.config.checks import ConfigError
 from pipeline.distributed import barrier, broadcast
 from pipeline.engine import rng
-from pipeline.engine.safe_load import safe_load
+from pipeline.engine.run_status import now, replace_atomically
+from pipeline.engine.safe_load import safe_load, torch_save
 
 log = logging.getLogger(__name__)
 MARKER = "COMPLETE.json"
 _TAG = re.compile(r"^step(\d{9})$")
+FORMAT = 2  # of experiment.json; format 1 (no "format" key) held experiment_name, method, backbone, dataset, stem
+_FORMAT_1_NAMES = {"dataset": "data.dataset", "stem": "data.stem", "image_size": "data.image_size"}
 
 
 class RunDirError(ConfigError):
-    """The run directory belongs to another experiment: a wrong run_dir, so a configuration error (exit 2)."""
+    """The run directory holds a run made with other settings, or cannot be one: a configuration error (exit 2)."""
+
+
+def flat(tree: dict, prefix: str = "") -> dict:
+    """A nested dict's leaves under dotted keys: {"optimizer": {"lr": 0.1}} -> {"optimizer.lr": 0.1}."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out.update(flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _differences(there: dict, here: dict) -> dict:
+    """{key: [value there, value here]} for every key whose values differ (None where a side lacks the key)."""
+    return {k: [there.get(k), here.get(k)] for k in sorted(set(there) | set(here)) if there.get(k) != here.get(k)}
+
+
+def _compare(saved: dict, fingerprint: dict) -> tuple[dict, bool]:
+    """How a saved experiment.json differs from `fingerprint`, and whether it is of format 1 (then compared on the
+    keys it has, under today's names). Raises ValueError (or AttributeError, TypeError) for anything else."""
+    if "format" not in saved:
+        there = {_FORMAT_1_NAMES.get(k, k): v for k, v in flat(saved).items()}
+        return _differences(there, {k: fingerprint.get(k) for k in there}), True
+    if not isinstance(saved.get("fingerprint"), dict) or not isinstance(saved.get("forced"), list):
+        raise ValueError("not an experiment record")
+    return _differences(saved["fingerprint"], fingerprint), False
+
+
+def _describe(changed: dict) -> str:
+    return "; ".join(f"{k}={json.dumps(a)} there, {json.dumps(b)} now" for k, (a, b) in changed.items())
+
+
+class StorageFull(RuntimeError):
+    """A checkpoint could not be written for lack of room; the previous one is kept (exit 5: make room, resume)."""
+
+
+_NO_ROOM = {errno.ENOSPC: ("no space left on device", "free space"),
+            errno.EDQUOT: ("disk quota exceeded", "free space or raise the quota"),
+            errno.EFBIG: ("a file would exceed the file size limit (ulimit -f)", "raise the limit")}
+
+
+def _no_room(err: BaseException | None) -> tuple[str, str] | None:
+    """Why there was no room and what to do, if an OSError saying so is in `err`'s chain (torch wraps it)."""
+    while err is not None:
+        if isinstance(err, OSError) and err.errno in _NO_ROOM:
+            return _NO_ROOM[err.errno]
+        err = err.__cause__ or err.__context__
+    return None
 
 
 def tag_for(step: int) -> str:
@@ -73,41 +129,56 @@ class Checkpoints:
         self.rank = dist.get_rank() if dist.is_initialized() else 0
 
     # -- ownership ------------------------------------------------------------------------------------------------
-    def claim(self) -> None:
-        """Refuse a run dir made by another experiment, or that cannot be one; otherwise record this one's
-        fingerprint (rank 0)."""
-        error = broadcast(self._claim() if self.rank == 0 else None)
+    def claim(self, force: bool = False) -> dict:
+        """Refuse a run dir whose checkpoints were made with other weight-shaping settings (unless `force`), or that
+        cannot be one; otherwise record this run's fingerprint (rank 0). Returns what `force` accepted:
+        {key: [value there, value now]}."""
+        error, changed = broadcast(self._claim(force) if self.rank == 0 else None)
         if error:
             raise RunDirError(error)
+        return changed
 
-    def _claim(self) -> str | None:
-        """Rank 0's part of claim(): the reason to refuse this run dir, or None once it holds our fingerprint."""
+    def _claim(self, force: bool) -> tuple[str | None, dict]:
+        """Rank 0's part of claim(): the reason to refuse this run dir (or None once it holds our fingerprint), and
+        the changes `force` accepted."""
         path = self.run_dir / "experiment.json"
         if self.run_dir.exists() and not self.run_dir.is_dir():
-            return f"run_dir={self.run_dir}: is a file, not a folder"
-        error = None
+            return f"run_dir={self.run_dir}: is a file, not a folder", {}
+        fingerprint = json.loads(json.dumps(self.fingerprint))  # as it reads back: lists, not tuples
+        forced, changed = [], {}
         try:
             if path.exists():
                 saved = json.loads(path.read_text())
-                if saved != self.fingerprint:
-                    differ = sorted(k for k in set(saved) | set(self.fingerprint)
-                                    if saved.get(k) != self.fingerprint.get(k))
-                    error = (f"run dir {self.run_dir} holds checkpoints of another experiment (differs in "
-                             f"{', '.join(differ)}: {', '.join(f'{k}={saved.get(k)!r}' for k in differ)}); "
-                             f"choose another run_dir")
+                changed, older = _compare(saved, fingerprint)
+                if not changed and not older:
+                    return None, {}
+                if not force:
+                    return self._refusal(changed, older), {}
+                forced = [*saved.get("forced", []), {"time": now(), "changed": changed, "older_format": older}]
+                log.warning("run_dir=%s: checkpoint.resume=force: continuing its checkpoints with changed settings: %s",
+                            self.run_dir, _describe(changed) if changed else "none of those its older experiment.json "
+                            "recorded; the others are taken to be this command's")
             elif self.complete_tags():
-                error = f"run dir {self.run_dir} holds checkpoints but no experiment.json: refusing to mix runs"
-            else:
-                self.run_dir.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_suffix(".tmp")
-                tmp.write_text(json.dumps(self.fingerprint, indent=1, sort_keys=True))
-                tmp.replace(path)
-        except (ValueError, AttributeError) as err:  # not JSON, or not a JSON object
-            error = (f"run dir {self.run_dir}: {path.name} is damaged ({err}); repair or remove it, or choose another "
-                     "run_dir")
+                return f"run dir {self.run_dir} holds checkpoints but no experiment.json: refusing to mix runs", {}
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            record = {"format": FORMAT, "fingerprint": fingerprint, "forced": forced}
+            replace_atomically(path, json.dumps(record, indent=1, sort_keys=True))
+        except (ValueError, AttributeError, TypeError) as err:  # not JSON, or not an experiment record
+            return (f"run dir {self.run_dir}: {path.name} is damaged ({err}); repair or remove it, or choose another "
+                    "run_dir"), {}
         except OSError as err:
-            error = f"run_dir={self.run_dir}: cannot be used ({err.strerror or err})"
-        return error
+            return f"run_dir={self.run_dir}: cannot be used ({err.strerror or err})", {}
+        return None, changed
+
+    def _refusal(self, changed: dict, older: bool) -> str:
+        if changed:
+            why = f"holds a run made with other settings that shape the weights: {_describe(changed)}"
+        else:
+            why = ("has an experiment.json of an older augssl, which recorded only the experiment name, method, "
+                   "backbone, dataset, stem and image size (all match); the other settings cannot be checked")
+        return (f"run_dir={self.run_dir} {why}. Choose another run_dir, or pass checkpoint.resume=force to continue "
+                "its checkpoints with this command's settings on purpose (e.g. more epochs, a lower lr after a "
+                "divergence)")
 
     # -- listing and verification ---------------------------------------------------------------------------------
     def complete_tags(self) -> list[str]:
@@ -138,21 +209,36 @@ class Checkpoints:
 
     # -- saving ---------------------------------------------------------------------------------------------------
     def save(self, engine, step: int, client_state: dict, extras: Callable[[Path], None] | None = None) -> Path:
-        """Collective: every rank must call it at the same step."""
+        """Collective: every rank must call it at the same step. A rank whose write fails removes the step's folder
+        and raises (StorageFull when there was no room); the others then fail at their next collective."""
         tag = tag_for(step)
         folder = self.dir / tag
-        engine.save_checkpoint(str(self.dir), tag=tag, client_state=client_state, save_latest=True)
-        torch.save(rng.capture(), folder / f"rng_rank{self.rank}.pt")
-        if extras is not None:
-            extras(folder)
-        barrier()
+        try:
+            engine.save_checkpoint(str(self.dir), tag=tag, client_state=client_state, save_latest=True)
+            torch_save(rng.capture(), folder / f"rng_rank{self.rank}.pt")
+            if extras is not None:
+                extras(folder)
+            barrier()
+            if self.rank == 0:
+                files = {p.name: p.stat().st_size for p in sorted(folder.iterdir())
+                         if p.is_file() and p.name != MARKER}
+                tmp = folder / (MARKER + ".tmp")
+                marker = {"step": step, "world_size": dist.get_world_size() if dist.is_initialized() else 1,
+                          "zero_stage": int(engine.zero_optimization_stage()), "files": files}
+                tmp.write_text(json.dumps(marker, indent=1))
+                tmp.replace(folder / MARKER)
+        except Exception as err:
+            shutil.rmtree(folder, ignore_errors=True)  # also frees the room for status.json
+            no_room = _no_room(err)
+            if no_room is None:
+                raise
+            reason, remedy = no_room
+            kept = self.complete_tags()
+            then = (f"the previous checkpoint (step {int(kept[-1][4:])}) is kept; {remedy} and re-run to resume from "
+                    "it" if kept else f"there is no earlier checkpoint; {remedy} and re-run")
+            raise StorageFull(f"checkpoint at step {step} could not be written to {self.dir}: {reason}; {then}") \
+                from err
         if self.rank == 0:
-            files = {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file() and p.name != MARKER}
-            tmp = folder / (MARKER + ".tmp")
-            marker = {"step": step, "world_size": dist.get_world_size() if dist.is_initialized() else 1,
-                      "zero_stage": int(engine.zero_optimization_stage()), "files": files}
-            tmp.write_text(json.dumps(marker, indent=1))
-            tmp.replace(folder / MARKER)
             self._prune(tag)
         barrier()
         return folder

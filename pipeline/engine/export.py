@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 
 from pipeline.models.resnet import ResNet
 
@@ -35,12 +35,13 @@ def encoder_state(encoder: ResNet, zero_stage: int) -> dict[str, torch.Tensor]:
 
 
 def save_encoder(state: dict[str, torch.Tensor], encoder: ResNet, path: str | os.PathLike, **metadata) -> Path:
-    """Write `state` atomically (temporary file, then rename) with the architecture in the metadata."""
+    """Write `state` atomically (temporary file, then rename) with the architecture in the metadata. Python writes the
+    bytes, so that a failed write (a full disk) raises OSError with its errno, not safetensors' own error."""
     path = Path(path)
     meta = {"format": FORMAT, "arch": encoder.arch, "stem": encoder.stem, "width": str(encoder.width),
             "out_dim": str(encoder.out_dim), **{k: str(v) for k, v in metadata.items()}}
     tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp), metadata=meta)
+    tmp.write_bytes(save({k: v.contiguous() for k, v in state.items()}, metadata=meta))
     tmp.replace(path)
     return path
 

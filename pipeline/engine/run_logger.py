@@ -86,6 +86,11 @@ class RunLogger:
 
             self.wandb.log({name: wandb.Image(grid, caption=caption)}, step=step)
 
+    def add_config(self, values: dict) -> None:
+        """Entries for the W&B run's config beyond the composed config (what a forced resume changed)."""
+        if self.wandb is not None:
+            self.wandb.config.update(values, allow_val_change=True)
+
     def advance(self, steps: int = 1) -> None:
         if self.bar is not None:
             self.bar.update(steps)

@@ -4,6 +4,9 @@ DeepSpeed 0.19.8 reads its checkpoint files through `engine.checkpoint_engine.lo
 passes weights_only=False. SafeCheckpointEngine replaces it on our engines. Its optimizer files hold four DeepSpeed
 types besides tensors and containers; they are allow-listed by name, and the weights-only unpickler rebuilds them
 from their fields (enum values, dataclass fields, plain attributes) without calling anything they name.
+
+It also writes them through a Python file, so that a failed write (a full disk) keeps its errno in the exception
+chain: torch's own file writer reports only "enforce fail at inline_container.cc".
 """
 
 from __future__ import annotations
@@ -22,6 +25,15 @@ def safe_load(path: str, map_location=None):
         return torch.load(path, map_location=map_location, weights_only=True)
 
 
+def torch_save(obj, path) -> None:
+    """torch.save through a Python file (see the module docstring), in the zip format Checkpoints.verify checks."""
+    with open(path, "wb") as f:
+        torch.save(obj, f)
+
+
 class SafeCheckpointEngine(TorchCheckpointEngine):
     def load(self, path: str, map_location=None):
         return safe_load(path, map_location)
+
+    def save(self, state_dict, path: str):
+        torch_save(state_dict, path)

@@ -13,8 +13,10 @@ so a run resumed from any checkpoint, at any world size, sees the views an unint
 world size computes the same losses (bit for bit on the CPU); the input stream runs on through checkpoints.
 
 Exit: returns "done" or "stopped" (a SIGTERM/SIGUSR1 made it checkpoint and stop); raises NonFiniteLoss naming the
-step and the last good checkpoint when a loss is NaN/inf (nothing is saved then). Rank 0 records which in
-run_dir/status.json (pipeline/engine/run_status.py), "running" from the start of training.
+step and the last good checkpoint when a loss is NaN/inf (nothing is saved then), ReaderWorkerDied naming a loader
+worker process that died (after a checkpoint, when training on one rank). Rank 0 records which in run_dir/status.json
+(pipeline/engine/run_status.py), "running" from the start of training. Where the main thread is blocked and cannot
+act, the watchdog (pipeline/engine/watchdog.py) records the end and exits.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from pipeline.config.checks import ConfigError, check_launch, check_shards, chec
 from pipeline.data.loading.loader import EVAL_VIEWS, BadSampleError, loader_for
 from pipeline.distributed import all_reduce_sum, resolve
 from pipeline.engine import rng, run_status
-from pipeline.engine.checkpoint import Checkpoints
+from pipeline.engine.checkpoint import Checkpoints, StorageFull, flat
 from pipeline.engine.deepspeed_engine import BatchGeometry, build_engine, init_distributed
 from pipeline.engine.export import encoder_state, save_encoder
 from pipeline.engine.run_logger import RunLogger, image_grid
@@ -58,12 +60,26 @@ class BadData(RuntimeError):
     """More samples of an epoch were unusable than data.max_bad_fraction allows; training stopped without saving."""
 
 
+class ReaderWorkerDied(RuntimeError):
+    """A DALI reader worker process died (killed, crashed): the input stream cannot go on."""
+
+
+# Keys that do not shape the trained weights, so a run dir resumes across changes to them: where a run lives, what it
+# reports, how fast it runs. They change at most the random draws (as the world size does), never the recipe. Every
+# other key, a new one included, is in the fingerprint; docs/distributed.md (Checkpoints) says which and why.
+FREE_KEYS = ("run_dir", "logger", "checkpoint", "monitor.knn_every_epochs", "monitor.knn_k", "monitor.knn_temperature",
+             "dist", "export_encoder", "data.root", "data.bank_split", "data.test_split", "data.max_bad_fraction",
+             "data.loader.device", "data.loader.num_threads", "data.loader.read_workers", "data.loader.prefetch",
+             "data.loader.io", "data.loader.channels_last", "data.loader.strict", "data.loader.max_pixels",
+             "deepspeed.overlap_comm", "deepspeed.reduce_bucket_size", "device", "compile", "compile_backend",
+             "data.loader.hw_decoder_load", "data.loader.preallocate_width_hint", "data.loader.preallocate_height_hint")
+
+
 def fingerprint(cfg: DictConfig) -> dict:
-    """What must match for a run dir's checkpoints to be this experiment's: the name and everything that shapes
-    the weights."""
-    return {"experiment_name": cfg.experiment_name, "method": OmegaConf.to_container(cfg.method, resolve=True),
-            "backbone": OmegaConf.to_container(cfg.backbone, resolve=True), "dataset": cfg.data.dataset,
-            "stem": cfg.data.stem, "image_size": cfg.data.image_size}
+    """What must match for a run dir's checkpoints to be continued by this config: every resolved key that shapes
+    the weights, flat ("optimizer.lr"), so that a refusal names each key that differs."""
+    return {key: value for key, value in flat(redacted_config(cfg)).items()
+            if not any(key == free or key.startswith(f"{free}.") for free in FREE_KEYS)}
 
 
 def _mean_over_ranks(values: dict[str, torch.Tensor], world: int) -> dict[str, float]:
@@ -91,7 +107,8 @@ class Trainer:
         self.dtype = DTYPES[cfg.deepspeed.precision]
         self.run_dir = Path(cfg.run_dir)
         self.checkpoints = Checkpoints(self.run_dir, fingerprint(cfg), cfg.checkpoint.keep_last)
-        self.checkpoints.claim()  # before anything slow: a wrong run_dir fails at once
+        # before anything slow: a wrong run_dir fails at once
+        self.forced = self.checkpoints.claim(force=cfg.checkpoint.resume == "force")
         self.geometry = BatchGeometry(cfg.data.batch_size, self.world, cfg.deepspeed.grad_accum_steps).check()
         self.ga = cfg.deepspeed.grad_accum_steps
 
@@ -119,6 +136,8 @@ class Trainer:
             raise ConfigError(f"checkpoint.resume=false: {self.run_dir} holds checkpoints; choose another run_dir "
                               "(or resume)")
         self.logger = RunLogger(cfg, self.run_dir, self.rank == 0, self.wandb_id, self.total_steps, self.step)
+        if self.forced:
+            self.logger.add_config({"resume_forced": {"step": self.step, "changed": self.forced}})
         if self.rank == 0:
             OmegaConf.save(OmegaConf.create(redacted_config(cfg)), self.run_dir / "config.yaml")
 
@@ -180,8 +199,8 @@ class Trainer:
                                         attempt_started=started, reason=reason, exit_code=exit_code)
 
         record("running")
-        self.watchdog = Watchdog(self.cfg.dist.timeout_s,
-                                 lambda reason: record("failed", reason, exit_codes.ERROR)).start()
+        self.watchdog = Watchdog(self.cfg.dist.timeout_s, record, self.cfg.dist.stop_grace_s, signals,
+                                 self.loader.reader_workers, self.rank).start()
         try:
             while self.step < self.total_steps and status == "done":
                 status = self._epoch(signals)
@@ -201,6 +220,14 @@ class Trainer:
         except (BadData, BadSampleError) as err:
             record("failed", str(err), exit_codes.BAD_DATA)
             raise
+        except StorageFull as err:
+            record("failed", str(err), exit_codes.STORAGE_FULL)
+            raise
+        except ReaderWorkerDied as err:
+            if self.world == 1 and self.micro % self.ga == 0 and 0 < self.step != self.last_saved:
+                self.save()  # not with several ranks: a checkpoint is collective, and they wait in the all-reduce
+            record("failed", str(err), exit_codes.ERROR)
+            raise
         except Exception as err:
             record("failed", f"{type(err).__name__}: {err}", exit_codes.ERROR)
             raise
@@ -219,7 +246,7 @@ class Trainer:
         batches = iter(self.loader)
         while self.step < self.total_steps:
             tick = time.perf_counter()
-            batch = next(batches, None)
+            batch = self._next(batches)
             if batch is None:
                 return "done"
             self.window["data"] += time.perf_counter() - tick
@@ -234,6 +261,7 @@ class Trainer:
             if dist.is_initialized():
                 dist.all_reduce(flags, op=dist.ReduceOp.SUM)
             stop, non_finite, bad = flags.tolist()
+            signals.agreed = bool(stop)  # the watchdog lets the main loop stop at the end of this step
             bad_seen += int(bad)
             if bad_seen > bad_allowed:
                 raise BadData(f"{bad_seen} unusable samples in epoch {batch.epoch} of {len(self.loader.index)}, more "
@@ -262,6 +290,19 @@ class Trainer:
                 self.save()
                 return "stopped"
         return "done"
+
+    def _next(self, batches):
+        """The next batch (None at the end of the epoch), unless a reader worker died. DALI's failure on the batch
+        that worker held reads like bad data: the error names the worker instead of the samples."""
+        try:
+            batch = next(batches, None)
+        except Exception as err:
+            if self.watchdog.worker_died.wait(2 * self.watchdog.poll_s):
+                raise ReaderWorkerDied(self.watchdog.dead_worker) from err
+            raise
+        if self.watchdog.dead_worker:
+            raise ReaderWorkerDied(self.watchdog.dead_worker)
+        return batch
 
     def _knn_due(self, epochs_done: int) -> bool:
         every = self.cfg.monitor.knn_every_epochs

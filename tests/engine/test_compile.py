@@ -19,10 +19,10 @@ def losses(shards, run_dir, *extra: str) -> tuple[list[float], str]:
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     proc = subprocess.run([sys.executable, "-m", "pipeline.train", *args], cwd=REPO, env=env, text=True,
-                          capture_output=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-4000:]
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r["ssl_loss"] for r in rows if "ssl_loss" in r], proc.stderr
+    return [r["ssl_loss"] for r in rows if "ssl_loss" in r], proc.stdout
 
 
 @pytest.mark.slow

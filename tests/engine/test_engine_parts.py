@@ -93,10 +93,11 @@ def test_bias_and_norm_parameters_are_excluded_from_decay_and_adaptation():
 
 
 def test_a_run_dir_of_another_experiment_is_refused(tmp_path):
-    Checkpoints(tmp_path, {"experiment_name": "a", "method": {"name": "aasae"}}).claim()
-    Checkpoints(tmp_path, {"experiment_name": "a", "method": {"name": "aasae"}}).claim()  # the same: accepted
-    with pytest.raises(RunDirError, match="another experiment.*differs in experiment_name, method"):
-        Checkpoints(tmp_path, {"experiment_name": "b", "method": {"name": "aag"}}).claim()
+    Checkpoints(tmp_path, {"experiment_name": "a", "method.name": "aasae"}).claim()
+    Checkpoints(tmp_path, {"experiment_name": "a", "method.name": "aasae"}).claim()  # the same: accepted
+    with pytest.raises(RunDirError, match='other settings.*experiment_name="a" there, "b" now; method.name="aasae" '
+                                          'there, "aag" now'):
+        Checkpoints(tmp_path, {"experiment_name": "b", "method.name": "aag"}).claim()
     foreign = tmp_path / "foreign"
     (foreign / "checkpoints" / "step000000010").mkdir(parents=True)
     (foreign / "checkpoints" / "step000000010" / MARKER).write_text("{}")

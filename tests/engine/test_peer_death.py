@@ -7,20 +7,14 @@ at once through the reset connection.)"""
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 
 from tests.helpers import REPO
+from tests.helpers.processes import free_port
 
 TIMEOUT_S = 20
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_a_rank_whose_peer_hangs_fails_within_the_timeout(shards, tmp_path):

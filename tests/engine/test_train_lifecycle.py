@@ -78,7 +78,8 @@ def test_signals_checkpoint_and_exit_then_resume_the_same_wandb_run(shards, tmp_
     data[len(data) // 2 : len(data) // 2 + 64] = bytes(64)
     newest.write_bytes(bytes(data))
     previous = sorted(run_dir.glob("checkpoints/step*/COMPLETE.json"))[-2].parent
-    proc = train(shards, run_dir, "logger=none", f"max_steps={second_step + 1}")
+    # a shorter run than the one that wrote the checkpoints (max_steps shapes the schedule): on purpose, so forced
+    proc = train(shards, run_dir, "logger=none", f"max_steps={second_step + 1}", "checkpoint.resume=force")
     out, _ = proc.communicate(timeout=240)
     assert proc.returncode == 0, out[-4000:]
     assert f"checkpoint {newest.parent} is unusable" in out and "falling back to the previous one" in out

@@ -267,6 +267,12 @@ class ShardLoader:
         """Stops the DALI pipeline and its worker processes (a later iteration starts a new one where it left off)."""
         self._stream = None  # dropping the pipeline shuts it and its workers down
 
+    def reader_workers(self) -> list:
+        """The running stream's reader worker processes (multiprocessing.Process; none between streams), for the
+        trainer's watchdog: DALI waits forever for the batch of one that died. DALI 2.4 keeps them in its pool."""
+        pool = self._stream and self._stream.pipe._py_pool
+        return list(pool.pool._processes) if pool else []
+
 
 def decoder_args(tuning: LoaderTuning, gpu: bool) -> dict:
     """nvJPEG's settings on a CUDA device (hardware decoder share, buffer preallocation); DALI's CPU decoder

@@ -5,21 +5,32 @@ different splits can share an output folder at the same time) and moved to their
 manifest is rewritten (atomically) after every finished shard, so a re-run verifies what is listed by checksum, skips
 it, and writes only what is missing. The plan (which samples go in which shard) is a pure function of the source listing
 and the options, and its fingerprint guards a folder against being resumed with another dataset or other options.
+
+One conversion per split at a time: in a local (or NFS) folder it holds `{dataset}-{split}.lock` beside the manifest
+(flock, which the kernel drops when its holder dies), and a second conversion of that split refuses instead of
+deleting the first one's partial shards. Object stores have no such lock: there two conversions of one split are not
+detected (each manifest write replaces the whole object; the last writer wins).
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import json
 import multiprocessing as mp
 import os
 import posixpath
+import socket
+import sys
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 
 import fsspec
 import numpy as np
+from fsspec.implementations.local import LocalFileSystem
 from tqdm import tqdm
 
 from pipeline.worker_lifetime import die_with_parent
@@ -221,6 +232,56 @@ def _check_output(fs, out_dir: str, source: Source, fingerprint: str, overwrite:
     return existing
 
 
+@contextmanager
+def split_lock(fs, out_dir: str, source: Source):
+    """Holds `{dataset}-{split}.lock` in a local folder while the split is converted (see the module docstring);
+    the file names its holder for the refusal, and goes when the holder is done."""
+    if not isinstance(fs, LocalFileSystem):
+        yield
+        return
+    path = os.path.join(out_dir, f"{source.dataset}-{split_slug(source.split)}.lock")
+    fd = _take_lock(path, f"{source.dataset}/{source.split} into {out_dir}")
+    if fd is None:
+        yield
+        return
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
+        yield
+    finally:
+        with suppress(FileNotFoundError):  # removed by hand meanwhile
+            os.unlink(path)  # before the lock goes, so that a process that opened this file retries with a new one
+        os.close(fd)
+
+
+def _take_lock(path: str, what: str) -> int | None:
+    """The locked file's descriptor; None, with a warning, where the filesystem has no locks (some Lustre and NFS
+    mounts), rather than refusing to convert there at all."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 256).decode(errors="replace").strip() or "pid unknown"
+            os.close(fd)
+            raise ConversionError(f"another make_shards ({holder}) is converting {what}; wait for it to finish "
+                                  f"(its lock {path} goes with it)") from None
+        except OSError as err:
+            os.close(fd)
+            if err.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                raise
+            os.unlink(path)
+            print(f"make_shards: warning: {path}: the filesystem cannot lock ({err.strerror}); do not run two "
+                  f"conversions of {what} at once", file=sys.stderr)
+            return None
+        try:  # the file may be a finished holder's, unlinked since it was opened: then lock the current one
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+
+
 def convert(source: Source, out_url: str, opts: ConvertOptions, progress: bool = True) -> Summary:
     """Writes (or finishes writing) the shards of one split to any fsspec URL and returns the summary."""
     start = time.perf_counter()
@@ -231,6 +292,15 @@ def convert(source: Source, out_url: str, opts: ConvertOptions, progress: bool =
     plan = plan_shards(source, opts)
     fingerprint = plan_fingerprint(source, opts, plan)
     fs.makedirs(out_dir, exist_ok=True)
+    with split_lock(fs, out_dir, source):
+        summary = _write_split(source, fs, out_dir, opts, plan, fingerprint, progress)
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
+def _write_split(source: Source, fs, out_dir: str, opts: ConvertOptions, plan: list[list[int]], fingerprint: str,
+                 progress: bool) -> Summary:
+    """convert() under the split's lock: check the folder, resume what is complete, write the rest."""
     existing = _check_output(fs, out_dir, source, fingerprint, opts.overwrite)
     partial = partial_dir(out_dir, source)
     if fs.exists(partial):
@@ -294,7 +364,6 @@ def convert(source: Source, out_url: str, opts: ConvertOptions, progress: bool =
     summary.bytes = sum(e.bytes for e in manifest.shards)
     summary.skipped_samples = manifest.skipped_samples
     summary.converted_samples = sum(p["action"] == "converted" for p in report)
-    summary.seconds = time.perf_counter() - start
     return summary
 
 

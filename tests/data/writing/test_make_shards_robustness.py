@@ -1,7 +1,10 @@
 """make_shards as users run it: the CLI, DALI reading the result, crashes and resume, verification, bad input."""
 
+import errno
+import fcntl
 import json
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -16,8 +19,16 @@ from nvidia.dali import fn, pipeline_def, types
 from pipeline.data.shard_format import index_name, read_manifest
 from pipeline.data.writing.convert import ConversionError, ConvertOptions, convert
 from pipeline.data.writing.sources import build_source
+from pipeline.data.writing.verify import verify
 from tests.helpers import REPO
-from tests.helpers.fixtures import bomb_image, make_image_folder, make_imagenet_train, make_stl10
+from tests.helpers.fixtures import (
+    bomb_image,
+    make_cifar10,
+    make_cifar100,
+    make_image_folder,
+    make_imagenet_train,
+    make_stl10,
+)
 from tests.helpers.shard_reading import pixels, read_samples
 
 TOOL = str(REPO / "tools" / "make_shards.py")
@@ -160,8 +171,6 @@ def test_folder_holding_another_dataset_is_refused_without_overwrite(tmp_path):
 
 
 def test_memory_filesystem_output_and_verify():
-    from pipeline.data.writing.verify import verify
-
     summary = convert(build_source("digits", None, "test"), "memory://shards/digits",
                       ConvertOptions(samples_per_shard=100), progress=False)
     fs = fsspec.filesystem("memory")
@@ -254,3 +263,149 @@ def test_filesystem_refusals_are_one_line_and_exit_2(tmp_path):
         proc = run_tool(*args)
         lines = proc.stderr.strip().splitlines()
         assert proc.returncode == 2 and len(lines) == 1 and says in lines[0], proc.stderr
+
+
+class _RunsCode:
+    """Unpickling it calls os.system: what a malicious pickle does."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.path}",)
+
+
+def _edit(change):
+    """Re-pickles the batch after `change(batch)`, as a damaged or hand-edited copy of the real file would be."""
+    def damage(path, _):
+        with open(path, "rb") as f:
+            batch = pickle.load(f, encoding="bytes")
+        change(batch)
+        with open(path, "wb") as f:
+            pickle.dump(batch, f, protocol=2)
+    return damage
+
+
+def _replace(data):
+    def damage(path, tmp_path):
+        with open(path, "wb") as f:
+            f.write(data(tmp_path) if callable(data) else data)
+    return damage
+
+
+def _truncate(path, _):
+    with open(path, "rb") as f:
+        data = f.read()
+    with open(path, "wb") as f:
+        f.write(data[: len(data) // 2])
+
+
+# case: (dataset, file, damage(path, tmp_path), what the one line says besides the file's name)
+_BAD_PICKLES = {
+    "truncated": ("cifar10", "test_batch", _truncate, "pickle data was truncated"),
+    "empty": ("cifar10", "test_batch", _replace(b""), "empty or truncated"),
+    "not a pickle": ("cifar10", "test_batch", _replace(b"<html>403 Forbidden</html>\n"), "not a readable CIFAR pickle"),
+    "runs code": ("cifar10", "test_batch", _replace(lambda t: pickle.dumps({b"data": _RunsCode(t / "pwned")})),
+                  "would call posix.system"),
+    "not a dict": ("cifar10", "test_batch", _replace(pickle.dumps([1, 2, 3])), "holds a list"),
+    "no data": ("cifar10", "test_batch", _edit(lambda b: b.pop(b"data")), "no 'data'"),
+    "no labels": ("cifar10", "test_batch", _edit(lambda b: b.pop(b"labels")), "no 'labels'"),
+    "wrong shape": ("cifar10", "test_batch", _edit(lambda b: b.update({b"data": b[b"data"][:, :1024]})),
+                    "N x 3072 uint8 array"),
+    "wrong dtype": ("cifar10", "test_batch", _edit(lambda b: b.update({b"data": b[b"data"] * 1.5})), "float64"),
+    "label out of range": ("cifar10", "data_batch_3", _edit(lambda b: b[b"labels"].__setitem__(2, 10)), "label 10"),
+    "labels not ints": ("cifar10", "test_batch", _edit(lambda b: b.update({b"labels": "abcdef"})),
+                        "a list of integers"),
+    "a label short": ("cifar10", "test_batch", _edit(lambda b: b[b"labels"].pop()), "5 labels for 6 images"),
+    "meta truncated": ("cifar10", "batches.meta", _truncate, "pickle data was truncated"),
+    "meta without names": ("cifar10", "batches.meta", _edit(lambda b: b.pop(b"label_names")), "no 'label_names'"),
+    "coarse label out of range": ("cifar100", "test", _edit(lambda b: b[b"coarse_labels"].__setitem__(0, 20)),
+                                  "label 20"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_BAD_PICKLES))
+def test_damaged_or_malicious_cifar_pickles_are_one_line_and_exit_2(tmp_path, case):
+    """Whatever is wrong with a CIFAR file, the user reads which file and what, and nothing is left that looks like
+    a converted split (no manifest, no shard); a pickle that would run code never runs it."""
+    dataset, name, damage, says = _BAD_PICKLES[case]
+    (make_cifar10 if dataset == "cifar10" else make_cifar100)(str(tmp_path / "src"))
+    folder = "cifar-10-batches-py" if dataset == "cifar10" else "cifar-100-python"
+    path = tmp_path / "src" / folder / name
+    damage(path, tmp_path)
+    split = "train" if name.startswith("data_batch") else "test"
+    labels = ("--labels", "coarse") if dataset == "cifar100" else ()
+    proc = run_tool(dataset, "--src", str(tmp_path / "src"), "--split", split, *labels, "--out", str(tmp_path / "out"))
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert lines[0].startswith(f"make_shards: error: {path}: ") and says in lines[0], lines[0]
+    assert not (tmp_path / "pwned").exists()
+    written = [p.name for p in (tmp_path / "out").rglob("*")] if (tmp_path / "out").exists() else []
+    assert not [n for n in written if n.endswith((".manifest.json", ".tar"))], written
+
+
+def _wait_for(predicate, proc, what):
+    deadline = time.time() + 60
+    while not predicate():
+        assert proc.poll() is None and time.time() < deadline, f"no {what}: {proc.communicate()}"
+        time.sleep(0.005)
+
+
+def test_a_second_conversion_of_a_split_in_progress_refuses_and_a_killed_ones_lock_does_not_block(tmp_path):
+    """One conversion is paused mid-split: a second of the same split into the same folder refuses in one line naming
+    the first one's pid, touching nothing, and the first finishes intact. Killed instead, it leaves its lock file,
+    which blocks nothing: the next run resumes."""
+    for ending in (signal.SIGCONT, signal.SIGKILL):
+        out = tmp_path / ending.name
+        args = ["digits", "--split", "train", "--out", str(out), "--samples-per-shard", "20"]
+        lock, manifest = out / "digits-train.lock", out / "digits-train.manifest.json"
+        first = subprocess.Popen([sys.executable, TOOL, *args, "--quiet"], stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True)
+        _wait_for(lambda: manifest.exists() and json.loads(manifest.read_text())["shards"], first, "shard")
+        first.send_signal(signal.SIGSTOP)
+        before = sorted((p.name, p.stat().st_mtime_ns) for p in out.rglob("*"))
+        second = run_tool(*args, "--overwrite")
+        lines = second.stderr.strip().splitlines()
+        assert second.returncode == 2 and len(lines) == 1, second.stderr
+        assert lines[0].startswith(f"make_shards: error: another make_shards (pid {first.pid} on ") \
+            and f"is converting digits/train into {out}" in lines[0], lines[0]
+        assert sorted((p.name, p.stat().st_mtime_ns) for p in out.rglob("*")) == before
+        first.send_signal(ending)
+        first.send_signal(signal.SIGCONT)
+        first.wait(timeout=60)
+        assert first.returncode == (0 if ending == signal.SIGCONT else -signal.SIGKILL), first.stderr.read()
+        assert lock.exists() == (ending == signal.SIGKILL)  # a killed holder leaves the file, but not its lock
+        if ending == signal.SIGKILL:
+            resumed = run_tool(*args)
+            assert resumed.returncode == 0 and "already complete" in resumed.stdout, resumed.stderr
+        assert verify(str(manifest), progress=False) == []
+        assert not lock.exists() and not (out / "_partial").exists()
+
+
+def test_conversions_of_one_split_started_together_never_spoil_each_other(tmp_path):
+    """Two identical conversions started at once (two terminals, a job submitted twice): each either finishes or
+    refuses in one line, and the output verifies."""
+    args = [sys.executable, TOOL, "digits", "--split", "test", "--samples-per-shard", "20", "--quiet"]
+    for attempt in range(2):
+        out = tmp_path / str(attempt)
+        procs = [subprocess.Popen([*args, "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True) for _ in range(2)]
+        results = [(proc.wait(timeout=120), proc.stderr.read()) for proc in procs]
+        assert sorted(code for code, _ in results) in ([0, 0], [0, 2]), results
+        for code, err in results:
+            assert code == 0 or (len(err.strip().splitlines()) == 1 and "another make_shards (pid" in err), err
+        assert verify(str(out / "digits-test.manifest.json"), progress=False) == []
+
+
+def test_a_filesystem_without_locks_converts_with_a_warning(tmp_path, monkeypatch, capsys):
+    """Some Lustre and NFS mounts refuse flock: the conversion goes on unlocked and says so, rather than not at all."""
+    def refuse(fd, operation):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(fcntl, "flock", refuse)
+    summary = convert(build_source("digits", None, "test"), str(tmp_path), ConvertOptions(samples_per_shard=100),
+                      progress=False)
+    assert summary.samples == 359 and read_manifest(summary.manifest).complete
+    assert "the filesystem cannot lock (No locks available); do not run two conversions of digits/test" \
+        in capsys.readouterr().err
+    assert not (tmp_path / "digits-test.lock").exists()

@@ -69,21 +69,6 @@ def test_cifar10_and_cifar100(tmp_path):
     assert len(read_manifest(summary.manifest).classes) == 20
 
 
-def test_cifar_pickle_that_runs_code_is_refused(tmp_path):
-    make_cifar10(str(tmp_path))
-    import pickle
-
-    class Evil:
-        def __reduce__(self):
-            return (os.system, ("touch " + str(tmp_path / "pwned"),))
-
-    with open(tmp_path / "cifar-10-batches-py" / "test_batch", "wb") as f:
-        pickle.dump({b"data": Evil()}, f)
-    with pytest.raises(pickle.UnpicklingError, match="refusing to load"):
-        convert(build_source("cifar10", str(tmp_path), "test"), str(tmp_path / "out"), OPTS, progress=False)
-    assert not (tmp_path / "pwned").exists()
-
-
 def test_svhn_label_10_is_digit_0(tmp_path):
     truth = make_svhn(str(tmp_path / "src"))
     for split in ("train", "test", "extra"):

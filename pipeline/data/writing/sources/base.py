@@ -13,6 +13,11 @@ class SourceLayoutError(FileNotFoundError):
     """A dataset file or folder is missing or misnamed; the message names it and the layout that was expected."""
 
 
+class SourceFileError(ValueError):
+    """A dataset file is there but does not hold what its format promises (truncated, another format, wrong
+    contents); the message names the file and what is wrong, so the user knows which one to fetch again."""
+
+
 def require(path: str, layout: str) -> str:
     if not os.path.exists(path):
         raise SourceLayoutError(f"{path} not found. Expected layout: {layout}")
