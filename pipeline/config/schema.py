@@ -184,6 +184,10 @@ class DistConfig:
     # how long the main loop has to act on SIGTERM/SIGUSR1 (or on a dead loader worker) before the watchdog ends the
     # process itself (exit 143, or 1): it is blocked in a collective or a wait. Below Slurm's KillWait (30 s)
     stop_grace_s: float = greater_than(0.0, 20.0)
+    # how often (optimizer steps) the ranks agree on stop signals, non-finite losses and unusable samples: one small
+    # all-reduce that makes the host wait for the GPU. 0 = 1 on the CPU, 10 on CUDA. Checkpoint steps and the last
+    # step are always checked, so nothing non-finite is ever saved; a non-finite loss is still named by its step.
+    check_every_steps: int = at_least(0, 0)
 
 
 @dataclass

@@ -1,11 +1,12 @@
 """The training loop: one composed config in, a trained (and exported) encoder and a run directory out.
 
-Per micro-batch: the method's views from the loader -> method forward -> one small all_reduce that tells every rank
-whether any rank saw a non-finite loss or received a stop signal -> backward -> engine.step (DeepSpeed applies the
-optimizer and the schedule at accumulation boundaries). Per optimizer step: metrics (averaged over ranks) every
-`log_every_steps`, the method's image grids (`visualize`) every `image_every_steps`, a checkpoint every
-`every_steps`. The trainer never names a method: the method says which views it needs and what it draws.
-Per epoch: the kNN monitor every `knn_every_epochs`. At the end: a last checkpoint, kNN, and the exported encoder.
+Per micro-batch: the method's views from the loader -> method forward -> its flags recorded on the device (every
+`dist.check_every_steps` steps, and at checkpoint steps, one small all_reduce makes the ranks agree whether any saw a
+non-finite loss, too many unusable samples or a stop signal: step_checks.py) -> backward -> engine.step (DeepSpeed
+applies the optimizer and the schedule at accumulation boundaries). Per optimizer step: metrics (averaged over ranks)
+every `log_every_steps`, the method's image grids (`visualize`) every `image_every_steps`, a checkpoint every
+`every_steps`. The trainer never names a method: the method says which views it needs and what it draws. Per epoch:
+the kNN monitor every `knn_every_epochs`. At the end: a last checkpoint, kNN, and the exported encoder.
 
 Resume: the newest usable checkpoint in run_dir restores weights, optimizer, schedule, RNG, the loader position and
 the W&B run id. Every augmentation is a function of (seed, epoch, sample) (pipeline/data/loading/augmentations.py),
@@ -29,7 +30,6 @@ import zlib
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline import exit_codes
@@ -41,6 +41,7 @@ from pipeline.engine.checkpoint import Checkpoints, StorageFull, flat
 from pipeline.engine.deepspeed_engine import BatchGeometry, build_engine, init_distributed
 from pipeline.engine.export import encoder_state, save_encoder
 from pipeline.engine.run_logger import RunLogger, image_grid
+from pipeline.engine.step_checks import BadData, NonFiniteLoss, StepChecks
 from pipeline.engine.stop_signals import StopSignals
 from pipeline.engine.watchdog import Watchdog
 from pipeline.evaluation.features import features
@@ -50,14 +51,6 @@ from pipeline.redact import redacted_config
 
 log = logging.getLogger(__name__)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-class NonFiniteLoss(RuntimeError):
-    """A loss was NaN or infinite; training stopped without saving."""
-
-
-class BadData(RuntimeError):
-    """More samples of an epoch were unusable than data.max_bad_fraction allows; training stopped without saving."""
 
 
 class ReaderWorkerDied(RuntimeError):
@@ -130,6 +123,8 @@ class Trainer:
         rng.seed_all(cfg.seed + 1_000_003 * self.rank)  # independent noise per rank from here on
 
         self.step, self.micro, self.wandb_id, self.last_saved = 0, 0, None, -1
+        self.checks = StepChecks(cfg.dist.check_every_steps, self.device, len(self.loader.index),
+                                 cfg.data.max_bad_fraction, self.checkpoints.last_complete)
         if cfg.checkpoint.resume:
             self._resume()
         elif self.checkpoints.complete_tags():  # a fresh start would interleave its checkpoints with old ones
@@ -241,8 +236,7 @@ class Trainer:
 
     def _epoch(self, signals: StopSignals) -> str:
         """Train until the end of the loader's epoch, the last step, or a stop signal."""
-        engine, accumulated, bad_seen = self.engine, {}, 0
-        bad_allowed = self.cfg.data.max_bad_fraction * len(self.loader.index)
+        engine, accumulated = self.engine, {}
         batches = iter(self.loader)
         while self.step < self.total_steps:
             tick = time.perf_counter()
@@ -253,27 +247,11 @@ class Trainer:
             views = {k: batch.views[k].to(self.device, self.dtype, non_blocking=True) for k in self.method.views}
             labels, valid = (t.to(self.device, non_blocking=True) for t in (batch.labels, batch.valid))
             loss, metrics = engine(views, labels, valid)
-            # one collective, on the device (NCCL reduces CUDA tensors only), and one host sync per micro-batch: stop
-            # signals, non-finite losses and unusable samples, summed over ranks
-            flags = torch.stack([torch.tensor(float(signals.received is not None), device=loss.device),
-                                 (~torch.isfinite(loss.detach())).float(),
-                                 torch.tensor(float(batch.bad), device=loss.device)])
-            if dist.is_initialized():
-                dist.all_reduce(flags, op=dist.ReduceOp.SUM)
-            stop, non_finite, bad = flags.tolist()
-            signals.agreed = bool(stop)  # the watchdog lets the main loop stop at the end of this step
-            bad_seen += int(bad)
-            if bad_seen > bad_allowed:
-                raise BadData(f"{bad_seen} unusable samples in epoch {batch.epoch} of {len(self.loader.index)}, more "
-                              f"than data.max_bad_fraction={self.cfg.data.max_bad_fraction} allows; the warnings "
-                              "above name them: repair the shards (tools/make_shards.py --verify-only) or raise "
-                              "data.max_bad_fraction")
-            if non_finite:
-                last = self.checkpoints.last_complete()
-                where = "this rank" if not torch.isfinite(loss) else "another rank"
-                raise NonFiniteLoss(f"non-finite loss at step {self.step + 1} (epoch {batch.epoch}, batch "
-                                    f"{batch.step}, seen on {where}); last good checkpoint: "
-                                    f"{last if last is not None else 'none'}")
+            self.checks.record(self.step + 1, loss, batch)
+            stop = False
+            if (self.micro + 1) % self.ga == 0 and self._check_due(self.step + 1):
+                stop = signals.agreed = self.checks.agree(signals.received is not None)  # the watchdog lets the
+                # main loop stop at the end of this step
             engine.backward(loss)
             engine.step()
             self.watchdog.beat()
@@ -290,6 +268,12 @@ class Trainer:
                 self.save()
                 return "stopped"
         return "done"
+
+    def _check_due(self, step: int) -> bool:
+        """Whether the ranks agree on their flags before this step's update: every `check_every` steps, at the
+        last step, and at checkpoint steps (a checkpoint must never hold weights a non-finite loss went into)."""
+        every = self.cfg.checkpoint.every_steps
+        return step % self.checks.every == 0 or step == self.total_steps or bool(every and step % every == 0)
 
     def _next(self, batches):
         """The next batch (None at the end of the epoch), unless a reader worker died. DALI's failure on the batch

@@ -18,6 +18,7 @@ different images; the convolutions carry biases instead.
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -130,6 +131,8 @@ class ResNetDecoder(nn.Module):
 
     def forward(self, z: Tensor) -> Tensor:
         x = self.mlp(z).reshape(z.shape[0], self.seed_channels, SEED_SIZE, SEED_SIZE)
+        if x.is_cuda:  # the convolutions that follow keep the layout; cuDNN's bf16/fp16 kernels want channels-last
+            x = x.contiguous(memory_format=torch.channels_last)
         if self.feature_size != SEED_SIZE:
             x = F.interpolate(x, size=(self.feature_size, self.feature_size), mode="nearest")
         x = self.conv_out(self.stem_upsample(self.stages(self.conv_in(x))))

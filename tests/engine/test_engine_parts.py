@@ -151,3 +151,12 @@ def test_checkpoints_load_weights_only(tmp_path):
         pickle.dump({"x": Payload()}, f, protocol=2)
     with pytest.raises(pickle.UnpicklingError):
         safe_load(str(tmp_path / "evil.pt"))
+
+
+def test_the_gpu_preset_overlaps_gradient_reduction_with_backward_in_resnet50_sized_buckets():
+    from pipeline.config.compose import load
+
+    cfg = load("train", ["experiment=imagenet_aag"])
+    zero = build_ds_config(cfg.deepspeed, micro_batch=64, world_size=8)["zero_optimization"]
+    assert zero["stage"] == 2 and zero["overlap_comm"] is True
+    assert 2 <= 25_557_032 / zero["reduce_bucket_size"] <= 8  # ResNet-50's parameters: a few buckets

@@ -4,6 +4,7 @@ falls back to the previous one with a warning, a non-finite loss stops with stat
 good checkpoint, and a mistyped key stops before anything starts. Each outcome is also in run_dir/status.json."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -135,3 +136,21 @@ def test_the_deepspeed_launchers_local_rank_argument_is_dropped():
 
     assert _drop_local_rank(["experiment=smoke", "--local_rank=3", "seed=1", "--local_rank", "4"]) == [
         "experiment=smoke", "seed=1"]
+
+
+@pytest.mark.slow
+def test_flags_agreed_every_few_steps_still_name_the_first_non_finite_step(shards, tmp_path):
+    """dist.check_every_steps=4: the host does not wait for each step, yet the error names the first step whose loss
+    was non-finite, and no checkpoint holds weights a non-finite loss went into."""
+    run_dir = tmp_path / "nan_every_4"
+    proc = train(shards, run_dir, "logger=none", "optimizer=sgd", "optimizer.lr=1e6", "schedule.warmup_epochs=0",
+                 "checkpoint.every_steps=8", "dist.check_every_steps=4")
+    out, _ = proc.communicate(timeout=240)
+    assert proc.returncode == 3, out[-4000:]
+    line = next(line for line in out.splitlines() if "non-finite loss at step" in line)
+    step = int(line.split("non-finite loss at step ")[1].split()[0])
+    metrics = [json.loads(row) for row in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    finite_steps = [r["step"] for r in metrics if math.isfinite(float(r.get("ssl_loss", "nan")))]
+    assert step == max(finite_steps, default=0) + 1  # the first non-finite one, though found up to 3 steps later
+    saved = [int(p.parent.name[4:]) for p in run_dir.glob("checkpoints/step*/COMPLETE.json")]
+    assert all(s < step for s in saved)

@@ -106,6 +106,8 @@ class ShardLoader:
                                 (self.tuning.randaugment_n, self.tuning.randaugment_m))
         self.order = SampleOrder(len(self.index), cfg.batch_size, rank, world_size, cfg.seed, cfg.shuffle)
         self.device = resolve_device(self.tuning.device, run_device)
+        layout = self.tuning.channels_last
+        self.channels_last = self.device.type == "cuda" if layout is None else layout
         self.io = self.tuning.io if self.tuning.io != "auto" else ("posix" if self.index.local else "fsspec")
         if self.io == "posix" and not self.index.local:
             raise ValueError(f"loader: io=posix needs local shards, {cfg.manifest} is not")
@@ -215,7 +217,7 @@ class ShardLoader:
         x = to_device(x, self.device)  # DALI's outputs are on self.device already, unless a CPU graph feeds CUDA
         if self.tuning.dtype == "bfloat16":
             x = x.to(torch.bfloat16)
-        return x.permute(0, 3, 1, 2) if self.tuning.channels_last else x
+        return x.permute(0, 3, 1, 2) if self.channels_last else x
 
     # -- the DALI pipeline ----------------------------------------------------------------------------------------
     def _reader(self):
@@ -233,7 +235,7 @@ class ShardLoader:
         source = BatchSource(self.order, self.epoch, self.position, self._reader(),
                              {k: getattr(self.index, k) for k in _COLUMNS}, len(self.index.manifest.classes),
                              random_views, frozenset(self._undecodable), self.tuning.max_pixels)
-        out = Output(self.mean, self.std, cfg.channels_last, half=cfg.dtype == "float16")
+        out = Output(self.mean, self.std, self.channels_last, half=cfg.dtype == "float16")
 
         @pipeline_def(enable_conditionals=uses_conditionals(views))
         def graph():

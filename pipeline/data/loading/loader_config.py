@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import Optional
 
 from pipeline.config.fields import at_least, in_range, matching, problems
 from pipeline.data.image_bytes import MAX_PIXELS
@@ -33,7 +34,8 @@ class LoaderTuning:
     profile: str = ""  # augmentation strengths of which dataset of the table; "" = the shards'
     randaugment_n: int = at_least(1, 2)  # randaugment view: ops per image
     randaugment_m: int = in_range(0, 30, 10)  # ... and their magnitude bin (of 31)
-    channels_last: bool = False  # NCHW-shaped tensors in channels-last memory (what cuDNN convs prefer)
+    # NCHW-shaped tensors in channels-last memory (what cuDNN's bf16/fp16 convolutions prefer); null: on for CUDA
+    channels_last: Optional[bool] = None
     dtype: Dtype = Dtype.float32
     # a CUDA device decodes with nvJPEG ("mixed") and augments on it
     device: str = matching(r"auto|cpu|cuda(:\d+)?", "auto, cpu, cuda or cuda:N", "auto")

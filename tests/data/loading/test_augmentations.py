@@ -147,12 +147,13 @@ def test_auxiliary_view_differs_from_the_standard_views_and_is_never_black(colou
     assert fill_fraction.mean() < 0.05 and fill_fraction.max() < 0.5  # translations keep the content inside
 
 
-@pytest.mark.parametrize("dtype, channels_last", [("bfloat16", False), ("float16", True), ("float32", True)])
+@pytest.mark.parametrize("dtype, channels_last", [("bfloat16", False), ("float16", True), ("float32", True),
+                                                  ("float32", None)])  # None: on for CUDA only
 def test_output_dtype_and_layout(colour, dtype, channels_last):
     reference = next(iter(make_loader(colour, shuffle=False)))
     batch = next(iter(make_loader(colour, shuffle=False, dtype=dtype, channels_last=channels_last)))
     image = batch.views["image"]
     assert image.shape == (64, 3, 32, 32) and image.dtype == getattr(torch, dtype)
-    assert image.is_contiguous(memory_format=torch.channels_last) == channels_last
+    assert image.is_contiguous(memory_format=torch.channels_last) == bool(channels_last)  # the CPU: off by default
     torch.testing.assert_close(image.float(), reference.views["image"], atol=0.02, rtol=0.01)
     assert batch.labels.dtype == torch.int64 and batch.keys == reference.keys
