@@ -37,6 +37,7 @@ from pipeline.distributed import all_reduce_sum, resolve
 from pipeline.engine import rng, run_status
 from pipeline.engine.checkpoint import Checkpoints
 from pipeline.engine.deepspeed_engine import BatchGeometry, build_engine, init_distributed
+from pipeline.engine.ds_config import MODULE_DTYPES
 from pipeline.engine.export import encoder_state, save_encoder
 from pipeline.engine.run_logger import RunLogger, image_grid
 from pipeline.engine.stop_signals import StopSignals
@@ -47,7 +48,6 @@ from pipeline.methods import METHODS, method_for
 from pipeline.redact import redacted_config
 
 log = logging.getLogger(__name__)
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class NonFiniteLoss(RuntimeError):
@@ -88,7 +88,7 @@ class Trainer:
         check_shards(cfg.data, data_roles(cfg))
         self.device = init_distributed(self.env, cfg.dist.timeout_s, cfg.device)
         self.rank, self.world = self.env.rank, self.env.world_size
-        self.dtype = DTYPES[cfg.deepspeed.precision]
+        self.dtype = MODULE_DTYPES[cfg.deepspeed.precision]  # of the views: bf16 computes under autocast
         self.run_dir = Path(cfg.run_dir)
         self.checkpoints = Checkpoints(self.run_dir, fingerprint(cfg), cfg.checkpoint.keep_last)
         self.checkpoints.claim()  # before anything slow: a wrong run_dir fails at once
