@@ -37,12 +37,12 @@ from pipeline.distributed import all_reduce_sum, resolve
 from pipeline.engine import rng, run_status
 from pipeline.engine.checkpoint import Checkpoints
 from pipeline.engine.deepspeed_engine import BatchGeometry, build_engine, init_distributed
-from pipeline.engine.ds_config import MODULE_DTYPES
+from pipeline.engine.ds_config import MODULE_DTYPES, autocast
 from pipeline.engine.export import encoder_state, save_encoder
 from pipeline.engine.run_logger import RunLogger, image_grid
 from pipeline.engine.stop_signals import StopSignals
 from pipeline.engine.watchdog import Watchdog
-from pipeline.evaluation.features import features
+from pipeline.evaluation.features import feature_batches
 from pipeline.evaluation.knn import KNNMonitor
 from pipeline.methods import METHODS, method_for
 from pipeline.redact import redacted_config
@@ -159,7 +159,10 @@ class Trainer:
         monitor = KNNMonitor(len(bank.index.manifest.classes), k=mon.knn_k, temperature=mon.knn_temperature)
         with self.watchdog.paused():  # its collectives run under the process group's timeout
             for loader, add in ((bank, monitor.add_bank), (test, monitor.add_queries)):
-                add(*features(self.method.encoder, loader, self.device, self.dtype))
+                with autocast(self.cfg.deepspeed.precision, self.device):  # as the engine's forward computes
+                    for batch_features, labels in feature_batches(self.method.encoder, loader, self.device,
+                                                                  self.dtype):
+                        add(batch_features, labels)  # one batch at a time: the monitor keeps them in fp16
                 loader.close()
             return monitor.compute()
 
