@@ -14,7 +14,8 @@ What this encodes beyond a transliteration (DeepSpeed 0.19.8):
   (no lower-precision-safe modules, `communication_data_type: fp32`).
 - `precision=fp16` is DeepSpeed's `fp16` section (dynamic loss scaling); it casts parameters but leaves buffers alone
   unless told, and BatchNorm then fails on fp16 activations with fp32 statistics: `data_types.buffer_dtype` casts
-  the buffers with the parameters.
+  the buffers with the parameters. Its gradients are reduced in fp16, LARS's too (DeepSpeed's CPU accelerator has no
+  fp16, so nothing else could be tested here).
 - The batch geometry is given three ways (train_batch_size = micro * accumulation * world) so that DeepSpeed checks
   it against the world it finds.
 - Checkpoint tags are validated across ranks (a rank that disagrees about the tag is an error, not a warning).
@@ -45,7 +46,7 @@ def autocast(precision: str, device: torch.device) -> AbstractContextManager:
 
 def build_ds_config(cfg: DictConfig, micro_batch: int, world_size: int, fp32_gradients: bool = False) -> dict:
     """cfg: the `deepspeed` node (pipeline.config.schema.DeepSpeedConfig), checked at composition. fp32_gradients:
-    reduce every gradient in fp32 (LARS)."""
+    reduce every gradient in fp32 under bf16 (LARS)."""
     stage, precision = cfg.zero_stage, cfg.precision  # values and combinations: pipeline/config/checks.py
 
     zero: dict = {"stage": stage, "overlap_comm": cfg.overlap_comm, "reduce_bucket_size": cfg.reduce_bucket_size}
@@ -69,11 +70,10 @@ def build_ds_config(cfg: DictConfig, micro_batch: int, world_size: int, fp32_gra
     }
     if precision == "bf16":
         conf["torch_autocast"] = {"enabled": True, "dtype": "bf16"}
-        if fp32_gradients:
+        if fp32_gradients:  # ZeRO 1-3 reduce by the modules' marks, ZeRO 0 by communication_data_type
             conf["torch_autocast"]["lower_precision_safe_modules"] = []
+            conf["communication_data_type"] = "fp32"
     elif precision == "fp16":
         conf["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16}
         conf["data_types"] = {"buffer_dtype": "fp16"}
-    if fp32_gradients:
-        conf["communication_data_type"] = "fp32"
     return _merge(conf, OmegaConf.to_container(cfg.extra, resolve=True))
