@@ -72,6 +72,18 @@ def test_half_precision_inputs_are_computed_in_float32():
     assert gaussian_nll(mean, target).dtype == torch.float32
 
 
+def test_losses_stay_in_float32_inside_a_bf16_autocast_region():
+    """The bf16 engine runs the method's forward under autocast, which would compute the logits' matmuls in bf16."""
+    views = random_views(3, n=16, d=32, dtype=torch.float32, seed=3)
+    mean, target = views[0][:, None], views[1][:, None]
+    expected = gnt_xent(*views), nt_xent(*views[:2]), gaussian_nll(mean, target)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = gnt_xent(*views), nt_xent(*views[:2]), gaussian_nll(mean, target)
+    for g, e in zip(got, expected):
+        assert g.dtype == torch.float32
+        assert_close(g, e, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("n", [2, 7, 128])
 def test_gnt_xent_with_all_similarities_equal_is_exactly_the_closed_form(n):
     same = torch.ones(n, 16, dtype=torch.float64)

@@ -39,10 +39,10 @@ def _check_deepspeed(cfg: DictConfig) -> None:
         raise ConfigError("deepspeed.offload_optimizer=true: needs deepspeed.zero_stage >= 1")
     if ds.offload_params and ds.zero_stage != 3:
         raise ConfigError(f"deepspeed.offload_params=true: needs deepspeed.zero_stage 3, not {ds.zero_stage}")
-    if cfg.optimizer.name == "lars" and ds.zero_stage == 0 and ds.precision != "fp32":
-        # at stage 0 DeepSpeed's mixed-precision wrapper steps the optimizer once with zero gradients while it is
-        # built, which LARS's weight decay and trust ratio would turn into a real update
-        raise ConfigError(f"deepspeed.precision={ds.precision}: LARS with bf16/fp16 needs deepspeed.zero_stage >= 1")
+    if cfg.optimizer.name == "lars" and ds.zero_stage == 0 and ds.precision == "fp16":
+        # at stage 0 DeepSpeed's fp16 wrapper steps the optimizer once with zero gradients while it is built, which
+        # LARS's weight decay and trust ratio would turn into a real update (bf16 is autocast: no wrapper)
+        raise ConfigError("deepspeed.precision=fp16: LARS with fp16 needs deepspeed.zero_stage >= 1")
 
 
 def check_launch(cfg: DictConfig, world_size: int) -> None:

@@ -76,7 +76,8 @@ def build_engine(cfg: DictConfig, model: nn.Module, geometry: BatchGeometry, tot
     optimizer = build_optimizer(cfg.optimizer, model)
     schedule = WarmupSchedule(optimizer, cfg.schedule.name, total_steps, warmup_steps,
                               cfg.schedule.warmup_start_factor, cfg.schedule.final_factor)
-    ds_config = build_ds_config(cfg.deepspeed, geometry.micro_batch, geometry.world_size)
+    ds_config = build_ds_config(cfg.deepspeed, geometry.micro_batch, geometry.world_size,
+                                fp32_gradients=isinstance(optimizer, LARS))
     engine, wrapped, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
                                                  config=ds_config, dist_init_required=False)
     if isinstance(optimizer, LARS):

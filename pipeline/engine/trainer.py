@@ -39,18 +39,18 @@ from pipeline.distributed import all_reduce_sum, resolve
 from pipeline.engine import rng, run_status
 from pipeline.engine.checkpoint import Checkpoints, StorageFull, flat
 from pipeline.engine.deepspeed_engine import BatchGeometry, build_engine, init_distributed
+from pipeline.engine.ds_config import MODULE_DTYPES, autocast
 from pipeline.engine.export import encoder_state, save_encoder
 from pipeline.engine.run_logger import RunLogger, image_grid
 from pipeline.engine.step_checks import BadData, NonFiniteLoss, StepChecks
 from pipeline.engine.stop_signals import StopSignals
 from pipeline.engine.watchdog import Watchdog
-from pipeline.evaluation.features import features
+from pipeline.evaluation.features import feature_batches
 from pipeline.evaluation.knn import KNNMonitor
 from pipeline.methods import METHODS, method_for
 from pipeline.redact import redacted_config
 
 log = logging.getLogger(__name__)
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class ReaderWorkerDied(RuntimeError):
@@ -97,7 +97,7 @@ class Trainer:
         check_shards(cfg.data, data_roles(cfg))
         self.device = init_distributed(self.env, cfg.dist.timeout_s, cfg.device)
         self.rank, self.world = self.env.rank, self.env.world_size
-        self.dtype = DTYPES[cfg.deepspeed.precision]
+        self.dtype = MODULE_DTYPES[cfg.deepspeed.precision]  # of the views: bf16 computes under autocast
         self.run_dir = Path(cfg.run_dir)
         self.checkpoints = Checkpoints(self.run_dir, fingerprint(cfg), cfg.checkpoint.keep_last)
         # before anything slow: a wrong run_dir fails at once
@@ -176,7 +176,10 @@ class Trainer:
         monitor = KNNMonitor(len(bank.index.manifest.classes), k=mon.knn_k, temperature=mon.knn_temperature)
         with self.watchdog.paused():  # its collectives run under the process group's timeout
             for loader, add in ((bank, monitor.add_bank), (test, monitor.add_queries)):
-                add(*features(self.method.encoder, loader, self.device, self.dtype))
+                with autocast(self.cfg.deepspeed.precision, self.device):  # as the engine's forward computes
+                    for batch_features, labels in feature_batches(self.method.encoder, loader, self.device,
+                                                                  self.dtype):
+                        add(batch_features, labels)  # one batch at a time: the monitor keeps them in fp16
                 loader.close()
             return monitor.compute()
 

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from pipeline.config.fields import at_least, greater_than
 from pipeline.distributed import gather_with_grad
-from pipeline.losses import LOSSES
+from pipeline.losses import LOSSES, at_least_fp32
 from pipeline.methods.base import Method, MethodConfig
 from pipeline.models.heads import ProjectionHead
 
@@ -56,7 +56,7 @@ class AAG(Method):
         names = list(self.views)
         n_views, n = len(names), views[names[0]].shape[0]
         features = self.encoder(torch.cat([views[k] for k in names]))
-        z = self.projection(features)
+        (z,) = at_least_fp32(self.projection(features))  # bf16 under autocast: gathered in fp32 (N x 129, cheap)
         d = z.shape[1]
         # One collective for all views and the valid mask (as an extra column): (W*V*n, d + 1) in rank-major order
         # -> V tensors of (W*n, d + 1); the mask is the same in every view.

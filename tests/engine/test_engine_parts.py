@@ -59,18 +59,26 @@ def test_deepspeed_config():
     conf = build_ds_config(ds(zero_stage=2, precision="bf16", grad_accum_steps=4), micro_batch=8, world_size=16)
     assert conf["train_batch_size"] == 8 * 4 * 16 and conf["gradient_accumulation_steps"] == 4
     assert conf["zero_optimization"]["stage"] == 2 and conf["zero_allow_untested_optimizer"] is True
-    assert conf["bf16"] == {"enabled": True} and conf["data_types"] == {"buffer_dtype": "bf16"}
-    assert "data_types" not in build_ds_config(ds(), 8, 1)
+    # bf16 is autocast over an fp32 module (fp32 BatchNorm statistics), not DeepSpeed's bf16 cast of the module
+    assert conf["torch_autocast"] == {"enabled": True, "dtype": "bf16"} and "bf16" not in conf
+    assert "data_types" not in conf and "communication_data_type" not in conf
+    lars = build_ds_config(ds(zero_stage=2, precision="bf16"), 8, 2, fp32_gradients=True)
+    assert lars["torch_autocast"]["lower_precision_safe_modules"] == [] and lars["communication_data_type"] == "fp32"
+    fp16 = build_ds_config(ds(zero_stage=1, precision="fp16"), 8, 2, fp32_gradients=True)
+    assert fp16["fp16"]["enabled"] and fp16["data_types"] == {"buffer_dtype": "fp16"} and "torch_autocast" not in fp16
+    assert "communication_data_type" not in fp16  # untestable on the CPU: DeepSpeed's default stands
+    assert not {"data_types", "torch_autocast", "bf16", "fp16"} & build_ds_config(ds(), 8, 1).keys()
     offload = build_ds_config(ds(zero_stage=3, offload_optimizer=True, offload_params=True), 8, 2)
     assert offload["zero_optimization"]["offload_param"]["device"] == "cpu"
     assert offload["zero_force_ds_cpu_optimizer"] is False
     extra = build_ds_config(ds(zero_stage=1, extra={"zero_optimization": {"round_robin_gradients": True}}), 8, 2)
     assert extra["zero_optimization"] == {**extra["zero_optimization"], "stage": 1, "round_robin_gradients": True}
+    load("train", ["optimizer=lars", "optimizer.lr=1", "deepspeed.precision=bf16"])  # autocast: no stage-0 wrapper
     for bad, message in [(["deepspeed.zero_stage=4"], "zero_stage=4: must be between 0 and 3"),
                          (["deepspeed.precision=fp8"], "'deepspeed.precision'"),
                          (["deepspeed.offload_optimizer=true"], "needs deepspeed.zero_stage >= 1"),
                          (["deepspeed.zero_stage=2", "deepspeed.offload_params=true"], "needs deepspeed.zero_stage 3"),
-                         (["optimizer=lars", "optimizer.lr=1", "deepspeed.precision=bf16"], "LARS with bf16/fp16")]:
+                         (["optimizer=lars", "optimizer.lr=1", "deepspeed.precision=fp16"], "LARS with fp16")]:
         with pytest.raises(ConfigError, match=message):
             load("train", bad)
 

@@ -1,4 +1,10 @@
-"""Weighted kNN against a loop reference, and the kNN monitor on data whose answer is known."""
+"""Weighted kNN against a loop reference, the kNN monitor on data whose answer is known and against knn_scores,
+and its memory budget."""
+
+import os
+import re
+import subprocess
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -6,6 +12,7 @@ from torch.testing import assert_close
 
 from pipeline.evaluation.knn import KNNMonitor, knn_scores
 from pipeline.evaluation.linear import OnlineLinearProbe
+from tests.helpers import REPO
 
 
 def ref_knn_scores(queries, bank, labels, num_classes, k, tau):
@@ -46,6 +53,30 @@ def test_knn_monitor_on_separated_clusters():
     monitor.add_queries(*sample(30))
     monitor.add_queries(bank[:3], (bank_labels[:3] + 1) % 3)  # 3 deliberately wrong labels
     assert monitor.compute() == 30 / 33
+
+
+def test_knn_monitor_in_one_process_is_knn_scores_chunk_by_chunk():
+    """The merge of per-rank candidates with one rank: exact with an fp32 bank, to fp16's rounding with fp16."""
+    g = torch.Generator().manual_seed(1)
+    bank, queries = torch.randn(50, 16, generator=g), torch.randn(11, 16, generator=g)
+    labels, query_labels = torch.randint(0, 4, (50,), generator=g), torch.randint(0, 4, (11,), generator=g)
+    expected = knn_scores(queries, bank, labels, 4, k=5)
+    for dtype, rtol in ((torch.float32, 1e-6), (torch.float16, 1e-2)):
+        monitor = KNNMonitor(num_classes=4, k=5, chunk_size=4, bank_dtype=dtype)
+        monitor.add_bank(bank[:30], labels[:30])
+        monitor.add_bank(bank[30:], labels[30:])
+        monitor.add_queries(queries, query_labels)
+        scores, got_labels = monitor.scores()
+        assert_close(scores, expected, rtol=rtol, atol=0)
+        assert torch.equal(got_labels, query_labels)
+
+
+def test_the_monitor_budget_for_imagenet_on_8_ranks_is_under_2_gb():
+    """tools/knn_memory.py's figure at KNNMonitor's defaults (chunk_size sets the similarity matrix)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    out = subprocess.run([sys.executable, "tools/knn_memory.py"], cwd=REPO, env=env, capture_output=True, text=True,
+                         check=True, timeout=120).stdout
+    assert 1.0 < float(re.search(r"^ +peak +([\d.]+) GB$", out, re.M).group(1)) <= 2.0, out
 
 
 def test_online_linear_probe_learns_without_gradient_to_its_input():

@@ -1,8 +1,8 @@
 """Worker for tests/test_distributed_losses.py: `torchrun --nproc_per_node 2 tests/helpers/dist_worker.py OUT_DIR`.
 
 Each rank takes its contiguous slice of a fixed global batch, computes the contrastive losses on gathered embeddings,
-runs each method under DistributedDataParallel (gloo, CPU), fills a kNN monitor with an uneven share of a bank, and
-saves what it saw to OUT_DIR/rank{r}.pt. The test recomputes the same things in one process on the whole batch with
+runs each method under DistributedDataParallel (gloo, CPU), gathers an uneven share of a feature bank, and saves
+what it saw to OUT_DIR/rank{r}.pt. The test recomputes the same things in one process on the whole batch with
 the builders below. Everything is float64 so that the comparisons can be tight.
 """
 
@@ -13,14 +13,13 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from pipeline.distributed import gather_variable, gather_with_grad
-from pipeline.evaluation.knn import KNNMonitor
 from pipeline.losses import LOSSES
 from pipeline.methods import METHODS, build_method
 
 GLOBAL_BATCH = 8
 CONTRASTIVE = {"gnt_xent": 3, "nt_xent": 2}  # loss -> number of views
 METHOD_NAMES = ("aag", "simclr", "aasae")
-KNN_BANK_SPLIT, KNN_QUERY_SPLIT = 6, 4  # rank 0 holds the first 6 of 10 bank rows and 4 of 7 queries
+BANK_SPLIT = 6  # rank 0 holds the first 6 of 10 bank rows
 
 
 def embeddings() -> torch.Tensor:
@@ -44,10 +43,8 @@ def views(name: str) -> dict[str, torch.Tensor]:
     return {k: torch.randn(GLOBAL_BATCH, 3, 16, 16, generator=g, dtype=torch.float64) for k in METHODS[name].views}
 
 
-def knn_data() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(2)
-    bank, queries = torch.randn(10, 8, generator=g), torch.randn(7, 8, generator=g)
-    return bank, torch.randint(0, 3, (10,), generator=g), queries, torch.randint(0, 3, (7,), generator=g)
+def bank() -> torch.Tensor:
+    return torch.randn(10, 8, generator=torch.Generator().manual_seed(2))
 
 
 def main(out_dir: str) -> None:
@@ -69,14 +66,7 @@ def main(out_dir: str) -> None:
         loss.backward()  # DDP averages the parameter gradients over the ranks here
         result[name] = {"loss": loss.detach(), "grads": {k: p.grad for k, p in model.module.named_parameters()}}
 
-    bank, bank_labels, queries, query_labels = knn_data()
-    bank_part = slice(0, KNN_BANK_SPLIT) if rank == 0 else slice(KNN_BANK_SPLIT, None)
-    query_part = slice(0, KNN_QUERY_SPLIT) if rank == 0 else slice(KNN_QUERY_SPLIT, None)
-    monitor = KNNMonitor(num_classes=3, k=4)
-    monitor.add_bank(bank[bank_part], bank_labels[bank_part])
-    monitor.add_queries(queries[query_part], query_labels[query_part])
-    accuracy = torch.tensor(monitor.compute(), dtype=torch.float64)
-    result["knn"] = {"accuracy": accuracy, "bank": gather_variable(bank[bank_part])}
+    result["bank"] = gather_variable(bank()[slice(0, BANK_SPLIT) if rank == 0 else slice(BANK_SPLIT, None)])
 
     torch.save(result, f"{out_dir}/rank{rank}.pt")
     dist.destroy_process_group()

@@ -68,6 +68,21 @@ def test_aag_loss_at_random_initialisation_is_near_the_all_equal_value():
     assert abs(loss.item() - (2 * math.log(3 * (n - 1)) + 4 * math.log(n - 1))) < 0.5
 
 
+def test_aag_gathers_float32_projections_under_bf16_autocast(monkeypatch):
+    """The bf16 engine's projections come out of autocast in bf16; the negatives are gathered in fp32 (N x 129)."""
+    gathered = []
+
+    def gather(x):
+        gathered.append(x.dtype)
+        return x
+
+    monkeypatch.setattr("pipeline.methods.aag.gather_with_grad", gather)
+    model = build_method("aag", **SMALL)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, _ = model(views_for(model))
+    assert gathered == [torch.float32] and loss.dtype == torch.float32
+
+
 def test_aasae_loss_is_half_the_summed_squared_error_plus_the_constant():
     torch.manual_seed(0)
     model = build_method("aasae", **SMALL_AE).eval()
