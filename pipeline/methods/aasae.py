@@ -8,6 +8,7 @@ from z ~ q(z|x~):
 
 AASAE: beta = 0, sigma = 1 (the augmentations replace the KL term as the regulariser). VAE: the same module with
 beta > 0, and the unaugmented image (the target) as the encoder's input.
+The heads' hidden width is the encoder's, as in the official code (hidden_dim 0).
 eps comes from torch's global generator, so seeding makes a training step reproducible.
 """
 
@@ -18,10 +19,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from pipeline.config.fields import at_least, greater_than
+from pipeline.config.fields import at_least, greater_than, multiple_of
 from pipeline.losses import gaussian_nll, kl_to_standard_normal
 from pipeline.methods.base import Method, MethodConfig
-from pipeline.models.decoder import ResNetDecoder
+from pipeline.models.decoder import SEED_DIVISOR, ResNetDecoder
 from pipeline.models.heads import GaussianHead
 
 STD_FLOOR = 1e-6
@@ -31,7 +32,7 @@ STD_FLOOR = 1e-6
 class AASAEConfig(MethodConfig):
     name: str = "aasae"
     latent_dim: int = at_least(1, 128)
-    hidden_dim: int = at_least(1, 2048)
+    hidden_dim: int = multiple_of(SEED_DIVISOR, 0)  # 0: the encoder's width
     kl_weight: float = at_least(0.0, 0.0)  # beta
     sigma: float = greater_than(0, 1.0)  # likelihood scale
 
@@ -44,18 +45,20 @@ class VAEConfig(AASAEConfig):
 
 class AASAE(Method):
     """Encoder on the augmented views["view"], decoder reconstructing views["target"] (the centre crop); beta =
-    kl_weight, sigma = likelihood scale. The decoder is built for the data's image_size."""
+    kl_weight, sigma = likelihood scale. The decoder is built for the data's image_size; hidden_dim 0 is the
+    encoder's width."""
 
     views = {"view": "contrastive", "target": "center_crop"}
     config = AASAEConfig
     encoder_view = "view"  # which view the encoder sees
 
-    def __init__(self, latent_dim: int = 128, hidden_dim: int = 2048, kl_weight: float = 0.0, sigma: float = 1.0,
+    def __init__(self, latent_dim: int = 128, hidden_dim: int = 0, kl_weight: float = 0.0, sigma: float = 1.0,
                  **common):
         super().__init__(**common)
         if kl_weight < 0 or sigma <= 0:
             raise ValueError(f"need kl_weight >= 0 and sigma > 0, got {kl_weight}, {sigma}")
         self.kl_weight, self.sigma = kl_weight, sigma
+        hidden_dim = hidden_dim or self.encoder.out_dim
         self.projection = GaussianHead(self.encoder.out_dim, hidden_dim, latent_dim)
         self.decoder = ResNetDecoder(self.encoder.arch, self.encoder.stem, self.image_size, latent_dim, hidden_dim,
                                      self.encoder.width)

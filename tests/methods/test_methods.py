@@ -9,10 +9,11 @@ import torch
 import torch.nn.functional as F
 from torch.testing import assert_close
 
+from pipeline.config.fields import problems
 from pipeline.data.loading.augmentations import AUGMENTATIONS
 from pipeline.methods import METHODS, build_method
 from pipeline.methods.aag import AAG, SimCLR
-from pipeline.methods.aasae import AASAE, VAE
+from pipeline.methods.aasae import AASAE, VAE, AASAEConfig
 
 SMALL = {"backbone": "resnet_small", "stem": "cifar"}
 SMALL_AE = {**SMALL, "image_size": 32, "latent_dim": 16, "hidden_dim": 64}
@@ -51,6 +52,14 @@ def test_baseline_defaults():
     aag, simclr = build_method("aag", **SMALL), build_method("simclr", **SMALL)
     assert (tuple(aag.views), aag.temperature, aag.loss_name) == (("u", "v", "w"), 0.1, "gnt_xent")
     assert (tuple(simclr.views), simclr.temperature, simclr.loss_name) == (("u", "v"), 0.5, "nt_xent")
+
+
+def test_aasae_heads_are_as_wide_as_the_encoder_unless_configured():
+    model = build_method("aasae", **{**SMALL_AE, "hidden_dim": 0})
+    assert model.projection.mu.in_features == model.decoder.mlp[0].out_features == model.encoder.out_dim == 128
+    assert build_method("aasae", **SMALL_AE).projection.mu.in_features == 64
+    assert [problem.split(":")[0] for problem in problems(AASAEConfig(hidden_dim=100))] == ["hidden_dim=100"]
+    assert problems(AASAEConfig()) == []
 
 
 def test_missing_views_raise():
