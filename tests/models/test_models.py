@@ -112,6 +112,12 @@ def test_decoder_rejects_an_empty_image_or_a_hidden_width_it_cannot_reshape():
         ResNetDecoder("resnet_small", hidden_dim=100)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the channels-last seed is made on CUDA only")
+def test_decoder_keeps_a_channels_last_layout_on_cuda():
+    decoder = ResNetDecoder("resnet_small", "stl10", 96, latent_dim=16).cuda()
+    assert decoder(torch.randn(2, 16, device="cuda")).is_contiguous(memory_format=torch.channels_last)
+
+
 def test_channels_last_gives_the_same_features():
     torch.manual_seed(0)
     model = ResNet("resnet_small", stem="cifar").eval()
