@@ -77,6 +77,14 @@ def test_evaluate_config_composes_with_every_dataset():
         assert cfg.data.dataset == dataset and cfg.protocols == ["knn", "linear"]
 
 
+def test_the_training_monitor_and_evaluate_use_the_same_knn_k():
+    for dataset in [n for g, n in OPTIONS if g == "data"]:
+        train = load("train", ["experiment=smoke", "method=aag", f"data={dataset}"])
+        evaluate = load("evaluate", [f"data={dataset}", "encoder=runs/x/encoder.safetensors"])
+        assert train.monitor.knn_k == evaluate.knn_k == (20 if dataset == "digits" else 200), dataset
+    assert load("train", ["experiment=cifar10_aag", "debug=cpu"]).monitor.knn_k == 20  # debug=cpu: digits
+
+
 def test_paper_hyper_parameters():
     aasae = load("train", ["experiment=cifar10_aasae"])
     assert (aasae.method.name, aasae.method.kl_weight, aasae.method.sigma) == ("aasae", 0.0, 1.0)
