@@ -11,7 +11,8 @@ raw pixels with the same protocol, and prints a table:
 Each method is trained by its real entry point (`python -m pipeline.train experiment=demo_<method> ...`, one
 subprocess each, so that every run gets a fresh process group and DeepSpeed engine); evaluation calls
 pipeline.evaluate.evaluate in this process with the same overrides the command line would take
-(`python -m pipeline.evaluate data=digits encoder=<run dir> knn_k=20 linear.epochs=...`).
+(`python -m pipeline.evaluate data=digits encoder=<run dir> knn_k=20 linear.epochs=...`; k = 20 is the digits
+entry's k in pipeline/data/datasets.py, which the training monitor uses too).
 
 Everything lands in one demo folder (default runs/demo-<time>): a run dir per method, random_init/encoder.safetensors,
 eval JSON per row, and results.json + results.md with the table. The self-supervised encoders are expected to beat
@@ -32,13 +33,14 @@ from pathlib import Path
 import torch
 
 from pipeline.config.compose import load
+from pipeline.data.datasets import dataset_info
 
 DATASET = "digits"
 METHODS = ("aasae", "aag", "vae", "simclr")
 PAPER_METHODS = ("aasae", "aag")
 NAMES = {"aasae": "AASAE", "aag": "AAG", "vae": "VAE (baseline)", "simclr": "SimCLR (baseline)",
          "random_init": "random-init encoder", "raw_pixels": "raw pixels"}
-KNN_K = 20  # the bank holds ~144 images per class: k=200 (the evaluator's default, for CIFAR) would vote across classes
+KNN_K = dataset_info(DATASET).knn_k  # the monitor's and the evaluator's k for digits
 LINEAR_EPOCHS = 100
 QUICK = {"train": ["max_steps=2", "data.batch_size=16", "monitor.knn_every_epochs=0"], "linear_epochs": 5}
 

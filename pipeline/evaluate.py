@@ -80,7 +80,7 @@ def evaluate(cfg: DictConfig, encoder: torch.nn.Module | None = None) -> dict:
                "dataset": cfg.data.dataset,
                "train_samples": len(train[1]), "test_samples": len(test[1])}
     if "knn" in cfg.protocols:
-        results["knn"] = knn(train, test, num_classes, cfg.knn_k, cfg.knn_temperature)
+        results["knn"] = {**knn(train, test, num_classes, cfg.knn_k, cfg.knn_temperature), "k": cfg.knn_k}
     if "linear" in cfg.protocols:
         lin = cfg.linear
         stats = (train[0].mean(0), train[0].std(0).clamp_min(1e-6))
@@ -113,11 +113,12 @@ def _app(cfg: DictConfig) -> None:
         print(f"pipeline.evaluate: {err}", file=sys.stderr)
         exit_with(BAD_CONFIG)
     out = write_results(cfg, results)
-    print(f"{'protocol':<10}{'top-1':>8}{'top-5':>8}   ({results['encoder']}, {cfg.data.dataset}: "
+    print(f"{'protocol':<12}{'top-1':>8}{'top-5':>8}   ({results['encoder']}, {cfg.data.dataset}: "
           f"{results['train_samples']} train / {results['test_samples']} test)")
+    labels = {"knn": f"knn k={cfg.knn_k}", "linear": "linear"}  # k decides the figure: say which
     for name in PROTOCOLS:
         if name in results:
-            print(f"{name:<10}{100 * results[name]['top1']:>8.2f}{100 * results[name]['top5']:>8.2f}")
+            print(f"{labels[name]:<12}{100 * results[name]['top1']:>8.2f}{100 * results[name]['top5']:>8.2f}")
     print(f"written to {out}")
 
 

@@ -24,6 +24,11 @@ def in_range(minimum: float, maximum: float, default: Any):
     return field(default=default, metadata={"min": minimum, "max": maximum})
 
 
+def multiple_of(step: int, default: Any):
+    """A field whose value must be a non-negative multiple of `step`."""
+    return field(default=default, metadata={"min": 0, "step": step})
+
+
 def one_of(choices: tuple, default: Any):
     """A field whose value must be one of `choices` (for sets that live in code, e.g. the backbone registry)."""
     return field(default=default, metadata={"choices": tuple(choices)})
@@ -41,6 +46,8 @@ def problem(f: dataclasses.Field, value: Any) -> str | None:
         return f"must be one of {', '.join(map(str, meta['choices']))}"
     if "pattern" in meta and not re.fullmatch(meta["pattern"], str(value)):
         return f"must be {meta['allowed']}"
+    if "step" in meta and value % meta["step"]:
+        return f"must be a multiple of {meta['step']}"
     if "gt" in meta and not value > meta["gt"]:
         return f"must be > {meta['gt']}"
     if "min" in meta and "max" in meta and not meta["min"] <= value <= meta["max"]:

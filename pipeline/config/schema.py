@@ -39,9 +39,10 @@ class BackboneConfig:
 # ------------------------------------------------------------------------------------------------------------ data
 
 
-def dataset_fact(key: str) -> str:
-    """A default that follows data.dataset: the dataset table's entry for `key` (pipeline/data/datasets.py)."""
-    return II(f"dataset_fact:${{.dataset}},{key}")
+def dataset_fact(key: str, dataset: str = ".dataset") -> str:
+    """A default that follows data.dataset: the dataset table's entry for `key` (pipeline/data/datasets.py);
+    `dataset` is the path to data.dataset from the field's node."""
+    return II(f"dataset_fact:${{{dataset}}},{key}")
 
 
 @dataclass
@@ -172,7 +173,7 @@ class CheckpointConfig:
 class MonitorConfig:
     online_probe: bool = True  # linear classifier on detached features, trained alongside (labelled splits)
     knn_every_epochs: int = at_least(0, 10)  # 0 = never; also at the end when > 0
-    knn_k: int = at_least(1, 200)
+    knn_k: int = at_least(1, dataset_fact("knn_k", "data.dataset"))  # the same k for the monitor and evaluate
     knn_temperature: float = greater_than(0.0, 0.1)
 
 
@@ -235,7 +236,7 @@ class EvalConfig:
     encoder: str = MISSING
     output: str = ""  # JSON results path ("" = beside the encoder)
     protocols: list[Protocol] = field(default_factory=lambda: [Protocol.knn, Protocol.linear])
-    knn_k: int = at_least(1, 200)
+    knn_k: int = at_least(1, dataset_fact("knn_k", "data.dataset"))  # the same k for the monitor and evaluate
     knn_temperature: float = greater_than(0.0, 0.1)
     linear: LinearProbeConfig = field(default_factory=LinearProbeConfig)
     device: Device = Device.auto  # where features are computed (AUGSSL_DEVICE overrides)

@@ -32,6 +32,8 @@ class DatasetInfo:
     eval_crop_fraction: float  # eval transform: resize the shorter side to image_size / this, centre crop image_size
     jitter_strength: float  # s of the strong colour jitter (0.8s, 0.8s, 0.8s, 0.2s)
     blur: bool  # whether the strong augmentation blurs
+    # kNN neighbours, for the training monitor and pipeline.evaluate alike; a small bank needs fewer than 200
+    knn_k: int = 200
 
     def eval_resize(self, image_size: int) -> int:
         return round(image_size / self.eval_crop_fraction)
@@ -49,8 +51,9 @@ DATASETS: dict[str, DatasetInfo] = {d.name: d for d in (
                 (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762), **_SMALL),
     DatasetInfo("svhn", ("train", "test", "extra"), ("train", "test", "extra"), (10,),
                 (0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970), **_SMALL),
+    # ~144 training images per class: k = 200 would vote across classes
     DatasetInfo("digits", ("train", "test"), ("train", "test"), (10,),
-                (0.3089, 0.3089, 0.3089), (0.3486, 0.3486, 0.3486), **_SMALL),
+                (0.3089, 0.3089, 0.3089), (0.3486, 0.3486, 0.3486), **_SMALL, knn_k=20),
     # STL-10's combined pretraining split (train+unlabeled, 105k images) is written only when asked for by name.
     DatasetInfo("stl10", ("train", "test", "unlabeled", "train+unlabeled"), ("train", "test", "unlabeled"), (10,),
                 (0.4300, 0.4200, 0.3900), (0.2700, 0.2600, 0.2700), native_size=96, image_size=96, stem="stl10",

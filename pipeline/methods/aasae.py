@@ -7,8 +7,13 @@ from z ~ q(z|x~):
     L = mean_batch[ beta * KL(q(z|x~) || N(0, I)) - sum_pixels log N(x; D(z), sigma^2) ]
 
 AASAE: beta = 0, sigma = 1 (the augmentations replace the KL term as the regulariser). VAE: the same module with
-beta > 0, and the unaugmented image (the target) as the encoder's input.
+beta > 0 (0.1 by default, the official code's), and the unaugmented image (the target) as the encoder's input.
+The heads' hidden width is the encoder's, as in the official code (hidden_dim 0).
 eps comes from torch's global generator, so seeding makes a training step reproducible.
+
+bn_on_original: the official code also runs the encoder and head on the original image (no gradient, train mode)
+before the augmented view, so BatchNorm's running statistics, which the encoder keeps for evaluation, mix clean and
+augmented images. The loss and its gradients are the same either way; only the running statistics differ.
 """
 
 from __future__ import annotations
@@ -18,10 +23,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from pipeline.config.fields import at_least, greater_than
+from pipeline.config.fields import at_least, greater_than, multiple_of
 from pipeline.losses import gaussian_nll, kl_to_standard_normal
 from pipeline.methods.base import Method, MethodConfig
-from pipeline.models.decoder import ResNetDecoder
+from pipeline.models.decoder import SEED_DIVISOR, ResNetDecoder
 from pipeline.models.heads import GaussianHead
 
 STD_FLOOR = 1e-6
@@ -31,37 +36,43 @@ STD_FLOOR = 1e-6
 class AASAEConfig(MethodConfig):
     name: str = "aasae"
     latent_dim: int = at_least(1, 128)
-    hidden_dim: int = at_least(1, 2048)
+    hidden_dim: int = multiple_of(SEED_DIVISOR, 0)  # 0: the encoder's width
     kl_weight: float = at_least(0.0, 0.0)  # beta
     sigma: float = greater_than(0, 1.0)  # likelihood scale
+    bn_on_original: bool = False
 
 
 @dataclass
 class VAEConfig(AASAEConfig):
     name: str = "vae"
-    kl_weight: float = greater_than(0, 1.0)
+    kl_weight: float = greater_than(0, 0.1)
 
 
 class AASAE(Method):
     """Encoder on the augmented views["view"], decoder reconstructing views["target"] (the centre crop); beta =
-    kl_weight, sigma = likelihood scale. The decoder is built for the data's image_size."""
+    kl_weight, sigma = likelihood scale. The decoder is built for the data's image_size; hidden_dim 0 is the
+    encoder's width."""
 
     views = {"view": "contrastive", "target": "center_crop"}
     config = AASAEConfig
     encoder_view = "view"  # which view the encoder sees
 
-    def __init__(self, latent_dim: int = 128, hidden_dim: int = 2048, kl_weight: float = 0.0, sigma: float = 1.0,
-                 **common):
+    def __init__(self, latent_dim: int = 128, hidden_dim: int = 0, kl_weight: float = 0.0, sigma: float = 1.0,
+                 bn_on_original: bool = False, **common):
         super().__init__(**common)
         if kl_weight < 0 or sigma <= 0:
             raise ValueError(f"need kl_weight >= 0 and sigma > 0, got {kl_weight}, {sigma}")
-        self.kl_weight, self.sigma = kl_weight, sigma
+        self.kl_weight, self.sigma, self.bn_on_original = kl_weight, sigma, bn_on_original
+        hidden_dim = hidden_dim or self.encoder.out_dim
         self.projection = GaussianHead(self.encoder.out_dim, hidden_dim, latent_dim)
         self.decoder = ResNetDecoder(self.encoder.arch, self.encoder.stem, self.image_size, latent_dim, hidden_dim,
                                      self.encoder.width)
 
     def ssl_forward(self, views: dict[str, Tensor], valid: Tensor) -> tuple[Tensor, dict[str, Tensor], Tensor]:
         target = views["target"]
+        if self.bn_on_original and self.training:
+            with torch.no_grad():  # for BatchNorm's running statistics only (module docstring)
+                self.projection(self.encoder(target))
         features = self.encoder(views[self.encoder_view])
         mu, logvar = self.projection(features)
         std = torch.exp(logvar / 2) + STD_FLOOR
@@ -92,14 +103,14 @@ class AASAE(Method):
 
 
 class VAE(AASAE):
-    """The VAE baseline: AASAE with the KL term switched on (beta = 1 unless configured) and the unaugmented image
+    """The VAE baseline: AASAE with the KL term switched on (beta = 0.1 unless configured) and the unaugmented image
     as the encoder's input."""
 
     views = {"target": "center_crop"}
     config = VAEConfig
     encoder_view = "target"
 
-    def __init__(self, kl_weight: float = 1.0, **kwargs):
+    def __init__(self, kl_weight: float = 0.1, **kwargs):
         if kl_weight <= 0:
             raise ValueError("the VAE baseline needs kl_weight > 0")
         super().__init__(kl_weight=kl_weight, **kwargs)

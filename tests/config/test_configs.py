@@ -77,12 +77,21 @@ def test_evaluate_config_composes_with_every_dataset():
         assert cfg.data.dataset == dataset and cfg.protocols == ["knn", "linear"]
 
 
+def test_the_training_monitor_and_evaluate_use_the_same_knn_k():
+    for dataset in [n for g, n in OPTIONS if g == "data"]:
+        train = load("train", ["experiment=smoke", "method=aag", f"data={dataset}"])
+        evaluate = load("evaluate", [f"data={dataset}", "encoder=runs/x/encoder.safetensors"])
+        assert train.monitor.knn_k == evaluate.knn_k == (20 if dataset == "digits" else 200), dataset
+    assert load("train", ["experiment=cifar10_aag", "debug=cpu"]).monitor.knn_k == 20  # debug=cpu: digits
+
+
 def test_paper_hyper_parameters():
     aasae = load("train", ["experiment=cifar10_aasae"])
     assert (aasae.method.name, aasae.method.kl_weight, aasae.method.sigma) == ("aasae", 0.0, 1.0)
     assert (aasae.optimizer.name, aasae.optimizer.lr, aasae.optimizer.weight_decay) == ("adam", 2.5e-4, 0.0)
     assert (aasae.data.batch_size, aasae.schedule.name, aasae.schedule.warmup_epochs) == (256, "constant", 10)
-    assert aasae.backbone.arch == "resnet50"
+    assert (aasae.backbone.arch, aasae.epochs, aasae.method.hidden_dim, aasae.method.bn_on_original) == (
+        "resnet50", 3200, 0, True)
     imagenet = load("train", ["experiment=imagenet_aasae"])
     assert (imagenet.optimizer.name, imagenet.optimizer.lr, imagenet.optimizer.weight_decay) == ("adam", 5e-4, 0.0)
     assert (imagenet.data.batch_size, imagenet.data.stem, imagenet.schedule.name) == (512, "imagenet", "constant")
@@ -94,8 +103,16 @@ def test_paper_hyper_parameters():
     assert (lars.schedule.name, lars.schedule.warmup_epochs, lars.epochs, lars.backbone.arch) == (
         "cosine", 10, 100, "resnet50")
     stl = load("train", ["experiment=stl10_aasae"])
-    assert (stl.data.stem, stl.data.image_size) == ("stl10", 96)
-    assert load("train", ["experiment=cifar10_vae"]).method.kl_weight == 1.0
+    assert (stl.data.stem, stl.data.image_size, stl.epochs, stl.schedule.warmup_epochs) == ("stl10", 96, 3200, 20)
+    for short, paper in (("cifar10_aasae_800ep", aasae), ("stl10_aasae_800ep", stl)):  # only the epochs differ
+        short_cfg = OmegaConf.to_container(load("train", [f"experiment={short}"]))
+        paper_cfg = OmegaConf.to_container(paper)
+        assert (short_cfg.pop("epochs"), paper_cfg.pop("epochs")) == (800, 3200)
+        for cfg in (short_cfg, paper_cfg):
+            del cfg["experiment_name"], cfg["run_dir"]
+        assert short_cfg == paper_cfg
+    vae = load("train", ["experiment=cifar10_vae"]).method
+    assert (vae.kl_weight, vae.bn_on_original) == (0.1, True)  # the official kl_coeff default; its BatchNorm pass
     aag = load("train", ["experiment=cifar10_aag"])
     assert (aag.method.temperature, aag.method.proj_dim, aag.method.proj_hidden_dim) == (0.1, 128, 0)
     assert (aag.optimizer.name, aag.optimizer.lr, aag.optimizer.momentum, aag.optimizer.weight_decay) == (

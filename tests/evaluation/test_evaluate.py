@@ -47,14 +47,15 @@ def test_evaluate_prints_and_writes_top1_and_top5(shards, exported, tmp_path):
     output = tmp_path / "results.json"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "pipeline.evaluate", "data=digits", f"data.root={shards}",
-                           f"encoder={path.parents[2]}", "linear.epochs=10", "knn_k=20", "data.loader.device=cpu",
+                           f"encoder={path.parents[2]}", "linear.epochs=10", "data.loader.device=cpu",
                            f"output={output}"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = json.loads(output.read_text())
     assert results["encoder"] == str(path) and results["step"] == "7"
     assert (results["train_samples"], results["test_samples"]) == (1438, 359)
-    for name in ("knn", "linear"):
+    assert results["knn"]["k"] == 20  # the digits entry's k, which the training monitor uses too
+    for name, label in (("knn", "knn k=20"), ("linear", "linear")):
         top1, top5 = results[name]["top1"], results[name]["top5"]
         # even a random convolutional encoder separates the ten digits far above chance (0.1)
         assert 0.5 < top1 <= top5 <= 1.0, (name, results[name])
-        assert f"{name:<10}{100 * top1:>8.2f}{100 * top5:>8.2f}" in proc.stdout
+        assert f"{label:<12}{100 * top1:>8.2f}{100 * top5:>8.2f}" in proc.stdout

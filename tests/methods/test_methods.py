@@ -9,10 +9,11 @@ import torch
 import torch.nn.functional as F
 from torch.testing import assert_close
 
+from pipeline.config.fields import problems
 from pipeline.data.loading.augmentations import AUGMENTATIONS
 from pipeline.methods import METHODS, build_method
 from pipeline.methods.aag import AAG, SimCLR
-from pipeline.methods.aasae import AASAE, VAE
+from pipeline.methods.aasae import AASAE, VAE, AASAEConfig
 
 SMALL = {"backbone": "resnet_small", "stem": "cifar"}
 SMALL_AE = {**SMALL, "image_size": 32, "latent_dim": 16, "hidden_dim": 64}
@@ -45,12 +46,42 @@ def test_registry_builds_each_method_by_name():
 
 def test_baseline_defaults():
     assert build_method("aasae", **SMALL_AE).kl_weight == 0.0
-    assert build_method("vae", **SMALL_AE).kl_weight == 1.0
+    assert build_method("vae", **SMALL_AE).kl_weight == 0.1  # the official code's kl_coeff
     with pytest.raises(ValueError):
         build_method("vae", kl_weight=0.0, **SMALL_AE)
     aag, simclr = build_method("aag", **SMALL), build_method("simclr", **SMALL)
     assert (tuple(aag.views), aag.temperature, aag.loss_name) == (("u", "v", "w"), 0.1, "gnt_xent")
     assert (tuple(simclr.views), simclr.temperature, simclr.loss_name) == (("u", "v"), 0.5, "nt_xent")
+
+
+def test_aasae_heads_are_as_wide_as_the_encoder_unless_configured():
+    model = build_method("aasae", **{**SMALL_AE, "hidden_dim": 0})
+    assert model.projection.mu.in_features == model.decoder.mlp[0].out_features == model.encoder.out_dim == 128
+    assert build_method("aasae", **SMALL_AE).projection.mu.in_features == 64
+    assert [problem.split(":")[0] for problem in problems(AASAEConfig(hidden_dim=100))] == ["hidden_dim=100"]
+    assert problems(AASAEConfig()) == []
+
+
+@pytest.mark.parametrize("name", ["aasae", "vae"])
+def test_bn_on_original_changes_only_the_running_statistics(name):
+    """The encoder's extra pass on the target moves BatchNorm's running statistics; loss and gradients stay."""
+    results = []
+    for bn_on_original in (False, True):
+        torch.manual_seed(0)
+        model = build_method(name, bn_on_original=bn_on_original, **SMALL_AE).train()
+        views = views_for(model)
+        torch.manual_seed(1)
+        loss, _ = model(views)
+        loss.backward()
+        grads = [p.grad.clone() for p in model.encoder.parameters()]
+        bn = model.encoder.bn1
+        results.append((loss.detach(), grads, bn.running_mean.clone(), bn.num_batches_tracked))
+    (loss_off, grads_off, mean_off, batches_off), (loss_on, grads_on, mean_on, batches_on) = results
+    assert_close(loss_on, loss_off)
+    for on, off in zip(grads_on, grads_off):
+        assert_close(on, off)
+    assert (batches_off, batches_on) == (1, 2)  # one more BatchNorm update: the target's
+    assert not torch.allclose(mean_on, mean_off)
 
 
 def test_missing_views_raise():

@@ -3,6 +3,7 @@
 import pytest
 import torch
 from torch.testing import assert_close
+from torch.utils.flop_counter import FlopCounterMode
 
 from pipeline.models import ARCHS, GaussianHead, ProjectionHead, ResNet, ResNetDecoder
 
@@ -46,6 +47,50 @@ def test_stems_downsample_as_documented(stem, size, feature_map):
     assert model(x).shape == (2, model.out_dim) == (2, 128)
 
 
+# The official decoder's figures (Lightning-Universe/paper-AAVAE, src/models/decoder.py: decoder18/34/50/50w2 with
+# h_dim = the encoder's width as its vae.py sets it, latent_dim 128, first_conv3x3/remove_first_maxpool per dataset as
+# its vae.py sets them), computed from that code's layer list. FLOPs per image = 2 x the multiply-accumulates of the
+# convolutions and linear layers, as torch.utils.flop_counter counts them (interpolation and biases not counted).
+# By hand for ResNet-18: MLP 66,048 + 262,656, 1x1 conv 16,896, stages 3,081,472 + 770,688 + 192,832 + 48,288,
+# 3x3 conv to 64 18,496, 3x3 conv to 3 1,731: 4,459,107 parameters.
+OFFICIAL_DECODERS = [
+    ("resnet18", 1, "cifar", 32, 4_459_107, 436_731_904),
+    ("resnet18", 1, "stl10", 96, 4_459_107, 1_005_060_096),
+    ("resnet18", 1, "imagenet", 224, 4_459_107, 1_844_445_184),
+    ("resnet34", 1, "cifar", 32, 6_986_147, 738_721_792),
+    ("resnet34", 1, "stl10", 96, 6_986_147, 1_684_537_344),
+    ("resnet34", 1, "imagenet", 224, 6_986_147, 2_769_289_216),
+    ("resnet50", 1, "cifar", 32, 13_291_203, 1_006_501_888),
+    ("resnet50", 1, "stl10", 96, 13_291_203, 2_245_918_720),
+    ("resnet50", 1, "imagenet", 224, 13_291_203, 4_561_960_960),
+    ("resnet50", 2, "cifar", 32, 52_448_899, 3_712_352_256),
+    ("resnet50", 2, "stl10", 96, 52_448_899, 8_207_597_568),
+    ("resnet50", 2, "imagenet", 224, 52_448_899, 14_027_194_368),
+]
+
+
+@pytest.mark.parametrize("arch, width, stem, size, params, flops", OFFICIAL_DECODERS)
+def test_decoder_matches_the_official_parameters_and_flops(arch, width, stem, size, params, flops):
+    with torch.device("meta"):  # shapes only: the meta device runs the graph without computing
+        decoder = ResNetDecoder(arch, stem, size, width=width)
+        counter = FlopCounterMode(display=False)
+        with counter:
+            out = decoder(torch.empty(1, 128))
+    assert out.shape == (1, 3, size, size)
+    assert n_params(decoder) == params
+    assert counter.get_total_flops() == flops
+    assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in decoder.modules())
+
+
+def test_decoder_hidden_width_is_the_encoders():
+    for arch, width in [("resnet18", 1), ("resnet50", 1), ("resnet50", 2), ("resnet_small", 1)]:
+        with torch.device("meta"):
+            decoder = ResNetDecoder(arch, "cifar", 32, width=width)
+            encoder = ResNet(arch, width=width)
+        assert decoder.mlp[0].out_features == decoder.mlp[2].out_features == encoder.out_dim
+    assert ResNetDecoder("resnet_small", hidden_dim=64).mlp[0].out_features == 64
+
+
 @pytest.mark.parametrize(
     "stem, size", [("cifar", 32), ("stl10", 96), ("imagenet", 224), ("cifar", 64), ("stl10", 64), ("imagenet", 64)]
 )
@@ -54,25 +99,23 @@ def test_decoder_output_matches_the_image_size(stem, size):
     assert decoder(torch.randn(2, 16)).shape == (2, 3, size, size)
 
 
-@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
-@pytest.mark.parametrize("stem, size", [("cifar", 32), ("stl10", 96), ("imagenet", 224)])
-def test_full_size_decoders_output_the_image_size(arch, stem, size):
-    with torch.device("meta"):  # shapes only: the meta device runs the graph without computing
-        decoder = ResNetDecoder(arch, stem, size)
-        out = decoder(torch.empty(2, 128))
-    assert out.shape == (2, 3, size, size)
-    assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in decoder.modules())
-
-
 @pytest.mark.parametrize("stem, size", [("stl10", 100), ("imagenet", 48), ("cifar", 36)])
 def test_decoder_reaches_sizes_the_encoder_does_not_divide_evenly(stem, size):
     decoder = ResNetDecoder("resnet_small", stem, size, latent_dim=16, hidden_dim=64)
     assert decoder(torch.randn(2, 16)).shape == (2, 3, size, size)
 
 
-def test_decoder_rejects_an_empty_image():
-    with pytest.raises(ValueError):
+def test_decoder_rejects_an_empty_image_or_a_hidden_width_it_cannot_reshape():
+    with pytest.raises(ValueError, match="image_size"):
         ResNetDecoder("resnet_small", "stl10", 0)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        ResNetDecoder("resnet_small", hidden_dim=100)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the channels-last seed is made on CUDA only")
+def test_decoder_keeps_a_channels_last_layout_on_cuda():
+    decoder = ResNetDecoder("resnet_small", "stl10", 96, latent_dim=16).cuda()
+    assert decoder(torch.randn(2, 16, device="cuda")).is_contiguous(memory_format=torch.channels_last)
 
 
 def test_channels_last_gives_the_same_features():
