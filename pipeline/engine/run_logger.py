@@ -25,13 +25,24 @@ from omegaconf import DictConfig
 from pipeline.redact import redacted_config
 
 
-def image_grid(rows: list[torch.Tensor], mean, std) -> np.ndarray:
+def image_grid(rows: dict[str, torch.Tensor], mean, std) -> np.ndarray:
     """Rows of normalised (n, 3, H, W) images, un-normalised with the loader's mean/std, as one HWC uint8 image:
-    row i holds the n images of rows[i] side by side."""
+    row i holds the n images of the i-th entry side by side, its label written in a white margin on the left (a grid
+    seen in W&B says which row is the input and which the reconstruction)."""
+    from PIL import Image, ImageDraw
+
     m = torch.tensor(mean).view(1, 3, 1, 1)
     s = torch.tensor(std).view(1, 3, 1, 1)
-    pixels = [((r.detach().float().cpu() * s + m).clamp(0, 1) * 255).round().to(torch.uint8) for r in rows]
-    return torch.cat([torch.cat(list(p), dim=2) for p in pixels], dim=1).permute(1, 2, 0).numpy()
+    pixels = [((r.detach().float().cpu() * s + m).clamp(0, 1) * 255).round().to(torch.uint8) for r in rows.values()]
+    images = torch.cat([torch.cat(list(p), dim=2) for p in pixels], dim=1).permute(1, 2, 0).numpy()
+    height = pixels[0].shape[2]
+    margin = 6 * max(map(len, rows)) + 8  # PIL's default font: about 6 pixels per character
+    canvas = Image.new("RGB", (margin + images.shape[1], images.shape[0]), "white")
+    canvas.paste(Image.fromarray(images), (margin, 0))
+    draw = ImageDraw.Draw(canvas)
+    for i, label in enumerate(rows):
+        draw.text((4, i * height + height // 2), label, fill="black", anchor="lm")
+    return np.asarray(canvas)
 
 
 def duration(seconds: float) -> str:

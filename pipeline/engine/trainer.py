@@ -355,7 +355,7 @@ class Trainer:
             window.update(data=0.0, steps=0, since=now)
         if cfg.logger.image_every_steps and self.step % cfg.logger.image_every_steps == 0:
             for name, rows in self.method.visualize(views).items():
-                grid = image_grid(list(rows.values()), self.loader.mean, self.loader.std)
+                grid = image_grid(rows, self.loader.mean, self.loader.std)
                 self.logger.log_images(self.step, name, grid, f"rows: {', '.join(rows)}")
         every = cfg.checkpoint.every_steps
         if every and self.step % every == 0 and self.step < self.total_steps:
