@@ -36,6 +36,9 @@ def test_export_round_trip_and_encoder_lookup(exported):
     with torch.no_grad():
         assert torch.equal(loaded(x), encoder(x))
     assert read_metadata(path)["step"] == "7" and loaded.out_dim == encoder.out_dim
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # like every other file of a run (safetensors' own: 0600)
     run_dir = path.parents[2]
     assert find_encoder(str(path)) == find_encoder(str(path.parent)) == find_encoder(str(run_dir)) == path
     with pytest.raises(FileNotFoundError):
