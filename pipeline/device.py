@@ -9,6 +9,7 @@ picks its accelerator once, when it is first imported, from DS_ACCELERATOR, so t
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 
@@ -51,8 +52,20 @@ def pick(configured: str = "auto", local_rank: int = 0) -> torch.device:
     return torch.device("cuda", local_rank)
 
 
+class _CompilerProbeFilter(logging.Filter):
+    """Drops distutils' compiler command lines: DeepSpeed compiles a test program (is libaio there?) when it first
+    looks at its ops, and distutils logs each gcc call at INFO, which the entry points' log handlers print."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "distutils" not in record.pathname
+
+
 def prepare_deepspeed(device: torch.device) -> None:
-    """Make DeepSpeed use the accelerator of `device` (it would take CUDA whenever it sees one)."""
+    """Make DeepSpeed use the accelerator of `device` (it would take CUDA whenever it sees one), and keep the
+    compiler lines of its import off the console."""
+    for handler in logging.getLogger().handlers:  # distutils' loggers propagate to these
+        if not any(isinstance(f, _CompilerProbeFilter) for f in handler.filters):
+            handler.addFilter(_CompilerProbeFilter())
     wanted = "cuda" if device.type == "cuda" else "cpu"
     if "deepspeed" not in sys.modules:
         os.environ["DS_ACCELERATOR"] = wanted

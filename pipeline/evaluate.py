@@ -6,10 +6,13 @@
 
 `encoder` is an exported encoder.safetensors, a checkpoint folder (each holds its exported encoder), or a run dir
 (its final export, else its newest complete checkpoint). No DeepSpeed is involved: the safetensors file carries the
-architecture. The encoder runs on data.loader.device, where the loader delivers the images. Training split:
+architecture. An encoder of a run dir takes the run's data settings from its config.yaml (dataset, and with it the
+normalisation; root, bank and test splits, image size, stem) unless the command line sets them (`data=...` or
+`data.KEY=...`). The encoder runs on data.loader.device, where the loader delivers the images. Training split:
 data.bank_split; test split: data.test_split; both read in order with the centre-crop transform (the linear probe's
 training split with random crops and flips when linear.augment=true). Results are printed and written as JSON to
-`output` (default: eval_<dataset>.json beside the encoder).
+`output` (default: RUN_DIR/eval_<dataset>_step<step>.json, or eval_<dataset>.json beside an encoder of no run), and
+to the run's W&B run (its id, mode and project from the run dir) as summary values `eval/<protocol>/top1`, `.../top5`.
 """
 
 from __future__ import annotations
@@ -20,16 +23,18 @@ from pathlib import Path
 
 import hydra
 import torch
-from omegaconf import DictConfig
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
 
 from pipeline.config import schema
 from pipeline.config.compose import VERSION_BASE, exit_if_bad_cli
 from pipeline.exit_codes import BAD_CONFIG, exit_with
-from pipeline.redact import redact_logs, redacted_config
+from pipeline.redact import redact, redact_logs, redacted_config
 
 schema.register()
 PROTOCOLS = tuple(p.value for p in schema.Protocol)
 LINEAR_TRAIN_VIEWS = {"image": "crop_flip"}  # linear.augment: random crops and flips of the training split
+RUN_DATA_KEYS = ("dataset", "root", "bank_split", "test_split", "image_size", "stem")  # taken from the run's config
 
 
 def find_encoder(path: str) -> Path:
@@ -44,6 +49,43 @@ def find_encoder(path: str) -> Path:
     if tags and (p / "checkpoints" / tags[-1] / "encoder.safetensors").is_file():
         return p / "checkpoints" / tags[-1] / "encoder.safetensors"
     raise FileNotFoundError(f"no encoder.safetensors at {path} (nor in a complete checkpoint under it)")
+
+
+def run_dir_of(encoder: Path) -> Path | None:
+    """The run dir an encoder file belongs to (its final export, or a checkpoint's), found by its config.yaml."""
+    for folder in (encoder.parent, encoder.parent.parent.parent):
+        if (folder / "config.yaml").is_file():
+            return folder
+    return None
+
+
+def take_run_data(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> None:
+    """cfg.data takes the run's dataset, root, splits, image size and stem, except what the command line sets."""
+    if any(o.lstrip("+~").split("=")[0] == "data" for o in overrides):  # data=X: another dataset on purpose
+        return
+    given = {o.lstrip("+~").split("=")[0] for o in overrides}
+    run_data = OmegaConf.load(run_dir / "config.yaml").data
+    for key in RUN_DATA_KEYS:
+        if f"data.{key}" not in given:
+            cfg.data[key] = run_data[key]
+
+
+def wandb_summary(run_dir: Path, results: dict) -> str | None:
+    """The results as summary values of the run's own W&B run (id from run_dir/wandb/latest-run), in the mode and
+    project the run used; returns the run id, or None when the run had no W&B."""
+    run_cfg = OmegaConf.load(run_dir / "config.yaml").logger
+    latest = run_dir / "wandb" / "latest-run"
+    if run_cfg.wandb_mode == "disabled" or not latest.exists():
+        return None
+    import wandb
+
+    run = wandb.init(project=run_cfg.project, entity=run_cfg.entity, id=latest.resolve().name.rsplit("-", 1)[1],
+                     resume="allow", dir=str(run_dir), mode=run_cfg.wandb_mode,
+                     settings=wandb.Settings(console="off", silent=True, disable_git=True, save_code=False))
+    run.summary.update({f"eval/{name}/{k}": results[name][k] for name in PROTOCOLS if name in results
+                        for k in ("top1", "top5")} | {"eval/step": results["step"], "eval/dataset": results["dataset"]})
+    run.finish()
+    return run.id
 
 
 def evaluate(cfg: DictConfig, encoder: torch.nn.Module | None = None) -> dict:
@@ -76,7 +118,8 @@ def evaluate(cfg: DictConfig, encoder: torch.nn.Module | None = None) -> dict:
         return out, len(loader.index.manifest.classes)
 
     (train, num_classes), (test, _) = split("bank"), split("test")
-    results = {"encoder": str(path or cfg.encoder), "step": read_metadata(path).get("step") if path else None,
+    step = read_metadata(path).get("step") if path else None
+    results = {"encoder": str(path or cfg.encoder), "step": None if step is None else int(step),
                "dataset": cfg.data.dataset,
                "train_samples": len(train[1]), "test_samples": len(test[1])}
     if "knn" in cfg.protocols:
@@ -95,31 +138,54 @@ def evaluate(cfg: DictConfig, encoder: torch.nn.Module | None = None) -> dict:
     return results
 
 
-def write_results(cfg: DictConfig, results: dict) -> Path:
-    """The results with the resolved config, as JSON at `output` (default: beside the encoder); returns the path."""
-    out = Path(cfg.output) if cfg.output else Path(results["encoder"]).parent / f"eval_{cfg.data.dataset}.json"
+def write_results(cfg: DictConfig, results: dict, run_dir: Path | None = None) -> Path:
+    """The results with the resolved config, as JSON at `output` (default: in the run dir, else beside the encoder);
+    returns the path."""
+    if cfg.output:
+        out = Path(cfg.output)
+    elif run_dir is not None:
+        out = run_dir / f"eval_{cfg.data.dataset}_step{results['step']}.json"
+    else:
+        out = Path(results["encoder"]).parent / f"eval_{cfg.data.dataset}.json"
     out.write_text(json.dumps({**results, "config": redacted_config(cfg)}, indent=1))
     return out
 
 
 @hydra.main(config_path="../configs", config_name="evaluate", version_base=VERSION_BASE)
 def _app(cfg: DictConfig) -> None:
+    from pipeline.config.checks import ConfigError, check_shards
     from pipeline.device import DeviceError
 
     redact_logs()
+    try:
+        try:
+            run_dir, missing = run_dir_of(find_encoder(cfg.encoder)), None
+        except FileNotFoundError as err:
+            run_dir, missing = None, err
+        if run_dir is not None:
+            take_run_data(cfg, run_dir, list(HydraConfig.get().overrides.task))
+            print(f"run dir {run_dir}: data {cfg.data.dataset} at {cfg.data.root} (image size {cfg.data.image_size}, "
+                  f"stem {cfg.data.stem})")
+        check_shards(cfg.data, ("bank", "test"))
+        if missing is not None:
+            raise missing
+    except (FileNotFoundError, ConfigError) as err:
+        print(f"pipeline.evaluate: {redact(str(err))}", file=sys.stderr)
+        exit_with(BAD_CONFIG)
     try:
         results = evaluate(cfg)
     except DeviceError as err:
         print(f"pipeline.evaluate: {err}", file=sys.stderr)
         exit_with(BAD_CONFIG)
-    out = write_results(cfg, results)
+    out = write_results(cfg, results, run_dir)
+    wandb_id = None if run_dir is None else wandb_summary(run_dir, results)
     print(f"{'protocol':<12}{'top-1':>8}{'top-5':>8}   ({results['encoder']}, {cfg.data.dataset}: "
           f"{results['train_samples']} train / {results['test_samples']} test)")
     labels = {"knn": f"knn k={cfg.knn_k}", "linear": "linear"}  # k decides the figure: say which
     for name in PROTOCOLS:
         if name in results:
             print(f"{labels[name]:<12}{100 * results[name]['top1']:>8.2f}{100 * results[name]['top5']:>8.2f}")
-    print(f"written to {out}")
+    print(f"written to {out}" + (f" and to W&B run {wandb_id} (summary)" if wandb_id else ""))
 
 
 def main() -> None:

@@ -152,7 +152,9 @@ class LoggerConfig:
     tags: list[str] = field(default_factory=list)
     log_every_steps: int = at_least(1, 10)
     image_every_steps: int = at_least(0, 500)  # the method's image grids (reconstructions, views); 0 = never
-    progress_bar: bool = True  # tqdm on rank 0
+    progress_bar: bool = True  # tqdm on rank 0 when stdout is a terminal
+    # elsewhere (a log file) one plain line of progress every this many seconds; 0 = none
+    print_every_s: float = at_least(0, 60.0)
 
 
 # ------------------------------------------------------------------------------------------------------ top level

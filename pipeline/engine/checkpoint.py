@@ -37,7 +37,6 @@ from pipeline.config.checks import ConfigError
 from pipeline.distributed import barrier, broadcast
 from pipeline.engine import rng
 from pipeline.engine.run_status import now, replace_atomically
-from pipeline.engine.safe_load import safe_load, torch_save
 
 log = logging.getLogger(__name__)
 MARKER = "COMPLETE.json"
@@ -211,6 +210,8 @@ class Checkpoints:
     def save(self, engine, step: int, client_state: dict, extras: Callable[[Path], None] | None = None) -> Path:
         """Collective: every rank must call it at the same step. A rank whose write fails removes the step's folder
         and raises (StorageFull when there was no room); the others then fail at their next collective."""
+        from pipeline.engine.safe_load import torch_save  # imports DeepSpeed: not for pipeline.evaluate's lookups
+
         tag = tag_for(step)
         folder = self.dir / tag
         try:
@@ -287,6 +288,8 @@ class Checkpoints:
         rng_file = self.dir / tag / f"rng_rank{self.rank}.pt"
         same_world = saved_world == world
         if same_world and rng_file.is_file():
+            from pipeline.engine.safe_load import safe_load
+
             rng.restore(safe_load(str(rng_file)))
         return Restored(tag=tag, step=marker["step"], path=self.dir / tag, client_state=client_state or {},
                         same_world=same_world)

@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -57,9 +59,13 @@ def init_distributed(env: DistEnv, timeout_s: float, device_kind: str = "auto") 
 
     if not dist.is_initialized():
         export(env)
-        deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo",
-                                   timeout=timedelta(seconds=timeout_s),
-                                   auto_mpi_discovery=False, rank=env.rank, world_size=env.world_size)
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):  # DeepSpeed prints "... built successfully" on every start
+            deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo",
+                                       timeout=timedelta(seconds=timeout_s),
+                                       auto_mpi_discovery=False, rank=env.rank, world_size=env.world_size)
+        print("".join(line for line in printed.getvalue().splitlines(keepends=True)
+                      if not line.endswith("built successfully\n")), end="", flush=True)
     return device
 
 

@@ -1,4 +1,7 @@
-"""Where training metrics go: Weights & Biases (offline unless configured), run_dir/metrics.jsonl, and a tqdm bar.
+"""Where training metrics go: Weights & Biases (offline unless configured), run_dir/metrics.jsonl, and the console.
+
+The console: on a terminal a tqdm bar (steps, images/s, epoch, loss, lr, ETA); otherwise (a Slurm or Kubernetes log
+file, where a bar writes one carriage-return update per step) one plain line every `logger.print_every_s`.
 
 Only rank 0 writes anything; the trainer averages metrics over ranks before handing them here. W&B offline needs
 no account or network (`wandb sync run_dir/wandb/offline-run-*` uploads later); its run id is kept in every
@@ -8,8 +11,11 @@ never from a config.
 
 from __future__ import annotations
 
+import datetime
 import json
 import math
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -19,13 +25,29 @@ from omegaconf import DictConfig
 from pipeline.redact import redacted_config
 
 
-def image_grid(rows: list[torch.Tensor], mean, std) -> np.ndarray:
+def image_grid(rows: dict[str, torch.Tensor], mean, std) -> np.ndarray:
     """Rows of normalised (n, 3, H, W) images, un-normalised with the loader's mean/std, as one HWC uint8 image:
-    row i holds the n images of rows[i] side by side."""
+    row i holds the n images of the i-th entry side by side, its label written in a white margin on the left (a grid
+    seen in W&B says which row is the input and which the reconstruction)."""
+    from PIL import Image, ImageDraw
+
     m = torch.tensor(mean).view(1, 3, 1, 1)
     s = torch.tensor(std).view(1, 3, 1, 1)
-    pixels = [((r.detach().float().cpu() * s + m).clamp(0, 1) * 255).round().to(torch.uint8) for r in rows]
-    return torch.cat([torch.cat(list(p), dim=2) for p in pixels], dim=1).permute(1, 2, 0).numpy()
+    pixels = [((r.detach().float().cpu() * s + m).clamp(0, 1) * 255).round().to(torch.uint8) for r in rows.values()]
+    images = torch.cat([torch.cat(list(p), dim=2) for p in pixels], dim=1).permute(1, 2, 0).numpy()
+    height = pixels[0].shape[2]
+    margin = 6 * max(map(len, rows)) + 8  # PIL's default font: about 6 pixels per character
+    canvas = Image.new("RGB", (margin + images.shape[1], images.shape[0]), "white")
+    canvas.paste(Image.fromarray(images), (margin, 0))
+    draw = ImageDraw.Draw(canvas)
+    for i, label in enumerate(rows):
+        draw.text((4, i * height + height // 2), label, fill="black", anchor="lm")
+    return np.asarray(canvas)
+
+
+def duration(seconds: float) -> str:
+    """H:MM:SS."""
+    return str(datetime.timedelta(seconds=round(seconds)))
 
 
 def _drop_rows_after(path: Path, step: int) -> None:
@@ -46,6 +68,8 @@ class RunLogger:
                  start_step: int):
         self.is_main, self.run_dir = is_main, Path(run_dir)
         self.run_id, self.wandb, self.bar = run_id, None, None
+        self.total_steps, self.start_step, self.print_every_s = total_steps, start_step, cfg.logger.print_every_s
+        self.started = self.printed = time.monotonic()
         if not is_main:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -62,11 +86,11 @@ class RunLogger:
                 config=redacted_config(cfg),
                 settings=wandb.Settings(console="off", silent=True, disable_git=True, save_code=False))
             self.run_id = self.wandb.id
-        if cfg.logger.progress_bar:
+        if cfg.logger.progress_bar and sys.stdout.isatty():
             from tqdm import tqdm
 
             self.bar = tqdm(total=total_steps, initial=start_step, desc=cfg.experiment_name, dynamic_ncols=True,
-                            unit="step")
+                            unit="step", file=sys.stdout)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         if not self.is_main:
@@ -77,7 +101,25 @@ class RunLogger:
         if self.wandb is not None:
             self.wandb.log(metrics, step=step)
         if self.bar is not None:
-            self.bar.set_postfix({k: f"{metrics[k]:.4g}" for k in ("loss", "lr") if k in metrics}, refresh=False)
+            shown = {"img/s": "perf/images_per_s", "epoch": "epoch", "loss": "loss", "lr": "lr"}
+            self.bar.set_postfix({k: f"{metrics[m]:.4g}" for k, m in shown.items() if m in metrics}, refresh=False)
+        elif "perf/images_per_s" in metrics and self.print_every_s and (
+                time.monotonic() - self.printed >= self.print_every_s):  # a training step's metrics, not kNN's
+            self.printed = time.monotonic()
+            print(self.progress_line(step, metrics), flush=True)
+
+    def progress_line(self, step: int, metrics: dict[str, float]) -> str:
+        """One line for a log file: step/total, epoch, the loss terms, lr, images/s, data-wait fraction, ETA."""
+        losses = " ".join(f"{k} {v:.4g}" for k, v in metrics.items() if "/" not in k and k not in
+                          ("lr", "epoch", "samples"))
+        parts = [f"step {step}/{self.total_steps}", f"epoch {metrics.get('epoch', 0):.2f}", losses,
+                 f"lr {metrics.get('lr', 0):.3g}", f"{metrics.get('perf/images_per_s', 0):.0f} img/s",
+                 f"data wait {100 * metrics.get('perf/data_wait_fraction', 0):.0f}%"]
+        done = step - self.start_step
+        if done > 0:
+            left = (self.total_steps - step) * (time.monotonic() - self.started) / done
+            parts.append(f"ETA {duration(left)}")
+        return " | ".join(p for p in parts if p)
 
     def log_images(self, step: int, name: str, grid: np.ndarray, caption: str) -> None:
         """grid: HWC uint8."""
@@ -108,6 +150,7 @@ class RunLogger:
             return
         if self.bar is not None:
             self.bar.close()
+            self.bar = None
         if self.wandb is not None:
             self.wandb.finish()
         self.jsonl.close()

@@ -33,15 +33,16 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline import exit_codes
-from pipeline.config.checks import ConfigError, check_launch, check_shards, check_values, data_roles
+from pipeline.config.checks import ConfigError, check_launch, check_shards, check_values, data_roles, split_manifests
 from pipeline.data.loading.loader import EVAL_VIEWS, BadSampleError, loader_for
+from pipeline.data.shard_format import read_manifest
 from pipeline.distributed import all_reduce_sum, resolve
 from pipeline.engine import rng, run_status
 from pipeline.engine.checkpoint import Checkpoints, StorageFull, flat
 from pipeline.engine.deepspeed_engine import BatchGeometry, build_engine, init_distributed
 from pipeline.engine.ds_config import MODULE_DTYPES, autocast
 from pipeline.engine.export import encoder_state, save_encoder
-from pipeline.engine.run_logger import RunLogger, image_grid
+from pipeline.engine.run_logger import RunLogger, duration, image_grid
 from pipeline.engine.step_checks import BadData, NonFiniteLoss, StepChecks
 from pipeline.engine.stop_signals import StopSignals
 from pipeline.engine.watchdog import Watchdog
@@ -123,6 +124,7 @@ class Trainer:
         rng.seed_all(cfg.seed + 1_000_003 * self.rank)  # independent noise per rank from here on
 
         self.step, self.micro, self.wandb_id, self.last_saved = 0, 0, None, -1
+        self.resumed, self.last_knn = "fresh start", None
         self.checks = StepChecks(cfg.dist.check_every_steps, self.device, len(self.loader.index),
                                  cfg.data.max_bad_fraction, self.checkpoints.last_complete)
         if cfg.checkpoint.resume:
@@ -135,6 +137,35 @@ class Trainer:
             self.logger.add_config({"resume_forced": {"step": self.step, "changed": self.forced}})
         if self.rank == 0:
             OmegaConf.save(OmegaConf.create(redacted_config(cfg)), self.run_dir / "config.yaml")
+        self.logger.message(self._banner())
+
+    def _banner(self) -> str:
+        """What this run is, printed once on rank 0 before the first step, for whoever reads its log."""
+        cfg, g = self.cfg, self.geometry
+        splits = f"{cfg.data.train_split} split {len(self.loader.index)} samples"
+        if cfg.monitor.knn_every_epochs > 0:
+            sizes = {role: read_manifest(url).num_samples for role, url in split_manifests(cfg.data, ("bank", "test"))
+                     .items()}
+            splits += f"; kNN bank {cfg.data.bank_split} {sizes['bank']}, test {cfg.data.test_split} {sizes['test']}"
+        wandb = f"W&B {cfg.logger.wandb_mode}, run {self.logger.run_id}" if self.logger.wandb else "W&B disabled"
+        return "\n".join([
+            f"augssl {cfg.experiment_name}: {cfg.method.name}, {cfg.backbone.arch} on {cfg.data.dataset} "
+            f"({splits})",
+            f"  world size {self.world} on {self.device.type}; batch {g.global_batch} = {g.micro_batch} per rank x "
+            f"{self.world} ranks x {self.ga} accumulation; {self.loader.steps_per_epoch // self.ga} steps per epoch, "
+            f"{self.total_steps} steps",
+            f"  {self.resumed}; run dir {self.run_dir.resolve()}; {wandb}"])
+
+    def _summary(self, status: str, wall_s: float) -> str:
+        """The end of a run on rank 0: how it ended, and what to run next."""
+        lines = [f"training {status} at step {self.step}/{self.total_steps} after {duration(wall_s)} (this attempt)"
+                 + ("" if self.last_knn is None else f"; kNN top-1 {self.last_knn:.4f}")]
+        encoder = self.run_dir.resolve() / "encoder.safetensors"
+        if status == "done" and encoder.is_file():
+            lines += [f"encoder: {encoder}", f"next: python -m pipeline.evaluate encoder={self.run_dir.resolve()}"]
+        elif status == "stopped":
+            lines.append(f"resume: run the same command again (checkpoint {self.run_dir.resolve() / 'checkpoints'})")
+        return "\n".join(lines)
 
     # -- checkpoints ----------------------------------------------------------------------------------------------
     def _resume(self) -> None:
@@ -150,6 +181,7 @@ class Trainer:
             rng.seed_all(zlib.crc32(f"{self.cfg.seed}/{self.rank}/{self.step}".encode()))
         log.warning("resumed from %s (step %d, epoch %d, world size %d -> %d)", restored.path, self.step,
                     self.loader.epoch, state.get("world_size", 0), self.world)
+        self.resumed = f"resumed at step {self.step} (saved at world size {state.get('world_size', 0)})"
 
     def save(self) -> Path:
         client_state = {"step": self.step, "loader": self.loader.state_dict(), "world_size": self.world,
@@ -188,7 +220,7 @@ class Trainer:
         signals = StopSignals().install()
         status = "done"
         self.window = {"data": 0.0, "steps": 0, "since": time.perf_counter()}
-        started = run_status.now()
+        started, wall = run_status.now(), time.monotonic()
 
         def record(state: str, reason: str = "", exit_code: int = exit_codes.FINISHED) -> None:
             """run_dir/status.json, which the launch wrappers read to learn how this attempt ended."""
@@ -235,6 +267,7 @@ class Trainer:
             self.loader.close()
             self.logger.finish()
         record(status, "" if status == "done" else f"stop signal ({signals.received or 'on another rank'})")
+        self.logger.message(self._summary(status, time.monotonic() - wall))
         return status
 
     def _epoch(self, signals: StopSignals) -> str:
@@ -296,9 +329,14 @@ class Trainer:
         return every > 0 and epochs_done % every == 0 and self.step < self.total_steps
 
     def _log_knn(self) -> None:
-        accuracy = self.knn()
-        self.logger.log(self.step, {"knn/top1": accuracy, "epoch": self.loader.epoch})
-        self.logger.message(f"step {self.step}: kNN top-1 {accuracy:.4f}")
+        """The kNN monitor, logged with the epochs trained so far (the last one may end part-way, at max_steps)."""
+        epoch = self.loader.epoch + min(1.0, self.loader.position / len(self.loader.index))
+        self.logger.message(f"step {self.step}: kNN monitor (features of the bank and test splits) ...")
+        tick = time.monotonic()
+        self.last_knn = accuracy = self.knn()
+        self.logger.log(self.step, {"knn/top1": accuracy, "epoch": epoch})
+        self.logger.message(f"step {self.step}: kNN top-1 {accuracy:.4f} (epoch {epoch:.2f}, "
+                            f"{time.monotonic() - tick:.0f} s)")
 
     def _after_step(self, accumulated: dict, batch, views: dict) -> None:
         cfg, window = self.cfg, self.window
@@ -320,7 +358,7 @@ class Trainer:
             window.update(data=0.0, steps=0, since=now)
         if cfg.logger.image_every_steps and self.step % cfg.logger.image_every_steps == 0:
             for name, rows in self.method.visualize(views).items():
-                grid = image_grid(list(rows.values()), self.loader.mean, self.loader.std)
+                grid = image_grid(rows, self.loader.mean, self.loader.std)
                 self.logger.log_images(self.step, name, grid, f"rows: {', '.join(rows)}")
         every = cfg.checkpoint.every_steps
         if every and self.step % every == 0 and self.step < self.total_steps:

@@ -5,6 +5,7 @@ import json
 import math
 import pickle
 
+import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -168,3 +169,18 @@ def test_the_gpu_preset_overlaps_gradient_reduction_with_backward_in_resnet50_si
     zero = build_ds_config(cfg.deepspeed, micro_batch=64, world_size=8)["zero_optimization"]
     assert zero["stage"] == 2 and zero["overlap_comm"] is True
     assert 2 <= 25_557_032 / zero["reduce_bucket_size"] <= 8  # ResNet-50's parameters: a few buckets
+
+
+def test_image_grid_labels_each_row_beside_its_images():
+    """What W&B shows: each row's images un-normalised, exactly, right of a margin holding the row's label."""
+    from pipeline.engine.run_logger import image_grid
+
+    torch.manual_seed(0)
+    rows = {"original": torch.rand(3, 3, 8, 8) * 2 - 1, "reconstruction": torch.rand(3, 3, 8, 8) * 2 - 1}
+    grid = image_grid(rows, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    margin = grid.shape[1] - 3 * 8
+    assert grid.shape == (16, margin + 24, 3) and grid.dtype == np.uint8
+    for i, images in enumerate(rows.values()):
+        expected = ((images * 0.5 + 0.5) * 255).round().to(torch.uint8)
+        assert np.array_equal(grid[8 * i:8 * (i + 1), margin:margin + 8], expected[0].permute(1, 2, 0).numpy())
+        assert grid[8 * i:8 * (i + 1), :margin].min() < 128  # dark text on the white margin

@@ -114,14 +114,32 @@ def test_a_run_that_reaches_its_last_step_writes_done(shards, tmp_path):
     """status.json, not the exported encoder, tells the launch wrappers that a run finished (export_encoder=false
     writes none); a later start of the finished run has nothing left to do and says "done" again."""
     run_dir = tmp_path / "done"
+    outs = []
     for _ in range(2):
-        proc = train(shards, run_dir, "logger=none", "max_steps=3", "export_encoder=false")
+        proc = train(shards, run_dir, "logger=none", "max_steps=3", "export_encoder=false",
+                     "logger.print_every_s=0.001")
         out, _ = proc.communicate(timeout=240)
         assert proc.returncode == 0, out[-4000:]
+        outs.append(out)
         status = read_status(run_dir)
         assert (status["status"], status["step"], status["total_steps"], status["exit_code"]) == ("done", 3, 3, 0)
         assert status["attempt_started"] <= status["updated"]
     assert "resumed from" in out and not (run_dir / "encoder.safetensors").exists()
+
+    # What a log file shows (stdout is a pipe here): the banner, plain progress lines (no bar, no carriage returns),
+    # the end summary, and none of DeepSpeed's start-up noise.
+    first, second = outs
+    assert "augssl smoke_aasae: aasae, resnet_small on digits (train split 1438 samples)" in first
+    assert "batch 32 = 32 per rank x 1 ranks x 1 accumulation; 45 steps per epoch, 3 steps" in first
+    assert f"fresh start; run dir {run_dir}; W&B disabled" in first
+    assert "resumed at step 3 (saved at world size 1)" in second
+    lines = [line for line in first.splitlines() if line.startswith("step ") and " | " in line]
+    assert [line.split(" | ")[0] for line in lines] == ["step 1/3", "step 2/3", "step 3/3"], first[-3000:]
+    assert all(" ssl_loss " in line and " img/s | data wait " in line and "| ETA " in line for line in lines)
+    assert "\r" not in first
+    assert "training done at step 3/3 after 0:00:" in first  # no encoder exported: no evaluate command
+    for noise in ("gcc ", "built successfully", "Setting accelerator to CPU"):
+        assert noise not in first + second, noise
 
 
 def test_a_mistyped_key_stops_before_anything_starts(tmp_path):

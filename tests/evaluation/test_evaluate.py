@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from pipeline.engine.export import load_encoder, read_metadata, save_encoder
 from pipeline.evaluate import find_encoder
@@ -35,6 +36,9 @@ def test_export_round_trip_and_encoder_lookup(exported):
     with torch.no_grad():
         assert torch.equal(loaded(x), encoder(x))
     assert read_metadata(path)["step"] == "7" and loaded.out_dim == encoder.out_dim
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # like every other file of a run (safetensors' own: 0600)
     run_dir = path.parents[2]
     assert find_encoder(str(path)) == find_encoder(str(path.parent)) == find_encoder(str(run_dir)) == path
     with pytest.raises(FileNotFoundError):
@@ -43,19 +47,35 @@ def test_export_round_trip_and_encoder_lookup(exported):
 
 @pytest.mark.slow
 def test_evaluate_prints_and_writes_top1_and_top5(shards, exported, tmp_path):
+    """An encoder of a run dir is evaluated on the run's data (its config.yaml: dataset, root, image size, stem; the
+    default would be cifar10 under a cwd-relative data/), a command-line data key still wins, and the results go to
+    the run dir and, as summary values, to the run's own W&B run (offline)."""
+    import wandb
+
     _, path = exported
-    output = tmp_path / "results.json"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "pipeline.evaluate", "data=digits", f"data.root={shards}",
-                           f"encoder={path.parents[2]}", "linear.epochs=10", "data.loader.device=cpu",
-                           f"output={output}"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    run_dir = path.parents[2]
+    OmegaConf.save({"data": {"dataset": "digits", "root": shards, "bank_split": "train", "test_split": "test",
+                             "image_size": 32, "stem": "cifar"},
+                    "logger": {"wandb_mode": "offline", "project": "augssl", "entity": None}}, run_dir / "config.yaml")
+    wandb.init(project="augssl", id="evalrun1", dir=str(run_dir), mode="offline",
+               settings=wandb.Settings(console="off", silent=True, disable_git=True, save_code=False)).finish()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "pipeline.evaluate", f"encoder={run_dir}",
+                           "data.test_split=train", "linear.epochs=10", "data.loader.device=cpu"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    results = json.loads(output.read_text())
-    assert results["encoder"] == str(path) and results["step"] == "7"
-    assert (results["train_samples"], results["test_samples"]) == (1438, 359)
+    assert "| deepspeed" not in proc.stderr  # -X importtime lists every module imported: DeepSpeed is not one
+    assert f"run dir {run_dir}: data digits at {shards} (image size 32, stem cifar)" in proc.stdout
+    results = json.loads((run_dir / "eval_digits_step7.json").read_text())
+    assert results["encoder"] == str(path) and results["step"] == 7
+    assert (results["train_samples"], results["test_samples"]) == (1438, 1438)  # data.test_split=train won
     assert results["knn"]["k"] == 20  # the digits entry's k, which the training monitor uses too
     for name, label in (("knn", "knn k=20"), ("linear", "linear")):
         top1, top5 = results[name]["top1"], results[name]["top5"]
         # even a random convolutional encoder separates the ten digits far above chance (0.1)
         assert 0.5 < top1 <= top5 <= 1.0, (name, results[name])
         assert f"{label:<12}{100 * top1:>8.2f}{100 * top5:>8.2f}" in proc.stdout
+    assert "and to W&B run evalrun1 (summary)" in proc.stdout
+    # the W&B run's offline records (protobuf) hold the summary keys with their JSON values
+    records = b"".join(p.read_bytes() for p in run_dir.glob("wandb/offline-run-*-evalrun1/run-evalrun1.wandb"))
+    assert b"eval/knn/top1" in records and json.dumps(results["knn"]["top1"]).encode() in records
