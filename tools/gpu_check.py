@@ -12,7 +12,8 @@
    layout or colour-order bug shows as > 0.05).
 4. Training steps of the ImageNet presets (ResNet-50, ZeRO 2, bf16) for AAG and AASAE through the real Trainer:
    synthetic (one batch kept on the device), the real loader (input efficiency = real / synthetic, and the share of
-   the time spent waiting for data), and NCHW inputs against channels-last; peak memory.
+   the time spent waiting for data), and NCHW inputs against channels-last; milliseconds per step in forward,
+   backward (with ZeRO's gradient reduction) and the optimizer step, each synchronised; peak memory.
 Each section that fails is a row saying how, so one bad section costs no figure of the others. The table is printed
 and written to OUT/summary.md (and OUT/summary.json).
 """
@@ -152,6 +153,22 @@ def train_rates(root: Path, method: str, size: dict, device: str, work: Path) ->
             step(views, fixed)
         sync()
         out[name] = round(steps * size["batch"] * len(views_used) / (time.perf_counter() - tick), 1)
+    phases = {"forward": 0.0, "backward": 0.0, "optimizer": 0.0}  # where a step's time goes (synced per phase)
+    views = on_device(fixed, torch.channels_last)
+    for _ in range(steps):
+        tick = time.perf_counter()
+        loss, _ = engine(views, fixed.labels, fixed.valid)
+        sync()
+        mark = time.perf_counter()
+        engine.backward(loss)
+        sync()
+        phases["forward"] += mark - tick
+        phases["backward"] += time.perf_counter() - mark
+        mark = time.perf_counter()
+        engine.step()
+        sync()
+        phases["optimizer"] += time.perf_counter() - mark
+    out["ms_per_step"] = {name: round(1000 * t / steps, 1) for name, t in phases.items()}
     waited, tick = 0.0, time.perf_counter()
     for _ in range(steps):
         fetch = time.perf_counter()
