@@ -3,16 +3,18 @@
     python -m pipeline.evaluate data=cifar10 data.root=/shards/cifar10 encoder=runs/cifar10_aasae
     python -m pipeline.evaluate data=stl10 encoder=runs/stl10_aasae/checkpoints/step000040000 protocols=[knn]
     python -m pipeline.evaluate data=digits encoder=runs/smoke_aag/encoder.safetensors linear.epochs=20
+    python -m pipeline.evaluate encoder=runs/cifar10_aasae protocol=aasae     # the AASAE paper's linear evaluation
 
 `encoder` is an exported encoder.safetensors, a checkpoint folder (each holds its exported encoder), or a run dir
 (its final export, else its newest complete checkpoint). No DeepSpeed is involved: the safetensors file carries the
 architecture. An encoder of a run dir takes the run's data settings from its config.yaml (dataset, and with it the
 normalisation; root, bank and test splits, image size, stem) unless the command line sets them (`data=...` or
-`data.KEY=...`). The encoder runs on data.loader.device, where the loader delivers the images. Training split:
-data.bank_split; test split: data.test_split; both read in order with the centre-crop transform (the linear probe's
-training split with random crops and flips when linear.augment=true). Results are printed and written as JSON to
-`output` (default: RUN_DIR/eval_<dataset>_step<step>.json, or eval_<dataset>.json beside an encoder of no run), and
-to the run's W&B run (its id, mode and project from the run dir) as summary values `eval/<protocol>/top1`, `.../top5`.
+`data.KEY=...`). The encoder runs on `device` (auto: CUDA when there is one). Training split: data.bank_split; test
+split: data.test_split; both read in order with the centre-crop transform (the linear probe's training split
+augmented as linear.augment says: configs/protocol holds the papers' protocols, docs/methods.md). Results are printed
+and written as JSON to `output` (default: RUN_DIR/eval_<dataset>_step<step>.json, or eval_<dataset>.json beside an
+encoder of no run), and to the run's W&B run (its id, mode and project from the run dir) as summary values
+`eval/<protocol>/top1`, `.../top5`.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from pipeline.redact import redact, redact_logs, redacted_config
 
 schema.register()
 PROTOCOLS = tuple(p.value for p in schema.Protocol)
-LINEAR_TRAIN_VIEWS = {"image": "crop_flip"}  # linear.augment: random crops and flips of the training split
+LINEAR_TRAIN_VIEWS = {"image": "crop_flip"}  # linear.augment=crop_flip: random resized crops and flips
 RUN_DATA_KEYS = ("dataset", "root", "bank_split", "test_split", "image_size", "stem")  # taken from the run's config
 
 
@@ -96,7 +98,7 @@ def evaluate(cfg: DictConfig, encoder: torch.nn.Module | None = None) -> dict:
     from pipeline.engine.export import load_encoder, read_metadata
     from pipeline.evaluation.features import features
     from pipeline.evaluation.knn import knn
-    from pipeline.evaluation.linear import linear_probe
+    from pipeline.evaluation.linear import linear_probe, pad_crop_flip
 
     torch.manual_seed(cfg.seed)
     device = pick(cfg.device)
@@ -110,10 +112,10 @@ def evaluate(cfg: DictConfig, encoder: torch.nn.Module | None = None) -> dict:
         keep = labels >= 0
         return feats[keep], labels[keep]
 
-    def split(role: str, views: dict[str, str] = EVAL_VIEWS, seed: int = 0):
+    def split(role: str, views: dict[str, str] = EVAL_VIEWS, seed: int = 0, transform=None):
         loader = loader_for(cfg.data, role, views, batch, 0, 1, seed=seed, shuffle=views is not EVAL_VIEWS,
                             device=device)
-        out = labelled(*features(encoder, loader, device))
+        out = labelled(*features(encoder, loader, device, transform=transform))
         loader.close()
         return out, len(loader.index.manifest.classes)
 
@@ -129,12 +131,20 @@ def evaluate(cfg: DictConfig, encoder: torch.nn.Module | None = None) -> dict:
         stats = (train[0].mean(0), train[0].std(0).clamp_min(1e-6))
 
         def batches(epoch: int):
-            feats, labels = split("bank", LINEAR_TRAIN_VIEWS, cfg.seed + epoch)[0] if lin.augment else train
+            """One pass over the training split: its features as computed once, or of freshly augmented images."""
+            if lin.augment == "crop_flip":
+                feats, labels = split("bank", LINEAR_TRAIN_VIEWS, cfg.seed + epoch)[0]
+            elif lin.augment == "pad_crop_flip":
+                generator = torch.Generator().manual_seed(cfg.seed + epoch)
+                feats, labels = split("bank", transform=lambda x: pad_crop_flip(x, generator))[0]
+            else:
+                feats, labels = train
             order = torch.randperm(len(labels), device=labels.device)
             return [(feats[i], labels[i]) for i in order.split(batch)]
 
-        results["linear"] = linear_probe(batches, test, num_classes, encoder.out_dim, lin.epochs, lin.lr,
-                                         lin.momentum, lin.weight_decay, stats, cfg.seed)
+        results["linear"] = linear_probe(batches, test, num_classes, encoder.out_dim, lin, stats, cfg.seed)
+    results["protocol"] = {"name": cfg.protocol, "linear": OmegaConf.to_container(cfg.linear, resolve=True),
+                           "knn_k": cfg.knn_k, "knn_temperature": cfg.knn_temperature}
     return results
 
 

@@ -221,14 +221,41 @@ class Protocol(StrEnum):
     linear = "linear"
 
 
+class ProbeFeatures(StrEnum):
+    standardized = "standardized"  # by the training split's mean and std (a BatchNorm without affine in front)
+    raw = "raw"  # the pooled features as they are (the AASAE paper)
+    l2 = "l2"  # L2-normalised (the AAG authors' code)
+
+
+class ProbeOptimizer(StrEnum):
+    sgd = "sgd"  # momentum, nesterov
+    adam = "adam"  # betas
+
+
+class ProbeAugment(StrEnum):
+    none = "none"  # the eval transform, features computed once
+    crop_flip = "crop_flip"  # random resized crop + flip (STL-10's protocol), features recomputed every epoch
+    pad_crop_flip = "pad_crop_flip"  # reflect-pad 4, random crop, flip (CIFAR's RandomCrop(32, 4, reflect))
+
+
+class CosineEvery(StrEnum):
+    epoch = "epoch"
+    step = "step"
+
+
 @dataclass
 class LinearProbeConfig:
     epochs: int = at_least(1, 100)
     batch_size: int = at_least(1, 256)
+    optimizer: ProbeOptimizer = ProbeOptimizer.sgd
     lr: float = greater_than(0.0, 0.1)
-    momentum: float = in_range(0.0, 1.0, 0.9)
+    momentum: float = in_range(0.0, 1.0, 0.9)  # sgd
+    nesterov: bool = False  # sgd
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adam
     weight_decay: float = at_least(0.0, 0.0)
-    augment: bool = False  # random resized crop + flip on the training split (else the eval transform)
+    cosine_every: CosineEvery = CosineEvery.epoch  # the learning rate's cosine decay, updated per epoch or per step
+    features: ProbeFeatures = ProbeFeatures.standardized
+    augment: ProbeAugment = ProbeAugment.none  # of the training split; the test split always gets the eval transform
 
 
 @dataclass
@@ -241,6 +268,7 @@ class EvalConfig:
     knn_k: int = at_least(1, dataset_fact("knn_k", "data.dataset"))  # the same k for the monitor and evaluate
     knn_temperature: float = greater_than(0.0, 0.1)
     linear: LinearProbeConfig = field(default_factory=LinearProbeConfig)
+    protocol: str = "default"  # the name of the protocol preset (configs/protocol) whose settings these are
     device: Device = Device.auto  # where features are computed (AUGSSL_DEVICE overrides)
     seed: int = at_least(0, 0)
 
@@ -250,6 +278,9 @@ def register() -> None:
     dataset-table defaults (idempotent: a method registered later, e.g. by a test, is picked up on the next call)."""
     if not OmegaConf.has_resolver("dataset_fact"):
         OmegaConf.register_new_resolver("dataset_fact", lambda dataset, key: getattr(dataset_info(dataset), key))
+    if not OmegaConf.has_resolver("protocol_augment"):  # the AASAE protocol's training augmentation per dataset
+        OmegaConf.register_new_resolver("protocol_augment", lambda dataset: ProbeAugment.pad_crop_flip
+                                        if dataset_info(dataset).image_size <= 32 else ProbeAugment.crop_flip)
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
     cs.store(name="evaluate_schema", node=EvalConfig)

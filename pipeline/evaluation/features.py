@@ -7,7 +7,7 @@ counts once.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor, nn
@@ -17,23 +17,27 @@ from pipeline.data.loading.loader import ShardLoader
 
 @torch.no_grad()
 def feature_batches(encoder: nn.Module, loader: ShardLoader, device: torch.device,
-                    dtype: torch.dtype = torch.float32) -> Iterator[tuple[Tensor, Tensor]]:
+                    dtype: torch.dtype = torch.float32,
+                    transform: Callable[[Tensor], Tensor] | None = None) -> Iterator[tuple[Tensor, Tensor]]:
     """(features, labels) of each batch of this rank's share of one epoch of `loader`, float32, computed on `device`
-    (the encoder's) from inputs of `dtype` (the encoder's); one batch at a time, so that a consumer keeping a
-    compressed copy (the kNN monitor) never holds the share in float32."""
+    (the encoder's) from inputs of `dtype` (the encoder's), after `transform` (a probe's augmentation) if given; one
+    batch at a time, so that a consumer keeping a compressed copy (the kNN monitor) never holds the share in
+    float32."""
     was_training = encoder.training
     encoder.eval()
     try:
         for batch in loader:
             (images,) = batch.views.values()
-            out = encoder(images.to(device, dtype, non_blocking=True))
+            images = images.to(device, dtype, non_blocking=True)
+            out = encoder(transform(images) if transform else images)
             valid = batch.valid.to(device, non_blocking=True)
             yield out[valid].float(), batch.labels.to(device, non_blocking=True)[valid]
     finally:
         encoder.train(was_training)
 
 
-def features(encoder: nn.Module, loader: ShardLoader, device: torch.device, dtype: torch.dtype = torch.float32):
+def features(encoder: nn.Module, loader: ShardLoader, device: torch.device, dtype: torch.dtype = torch.float32,
+             transform: Callable[[Tensor], Tensor] | None = None):
     """(features, labels) of this rank's whole share, concatenated (`feature_batches`)."""
-    feats, labels = zip(*feature_batches(encoder, loader, device, dtype))
+    feats, labels = zip(*feature_batches(encoder, loader, device, dtype, transform))
     return torch.cat(feats), torch.cat(labels)

@@ -79,3 +79,24 @@ def test_evaluate_prints_and_writes_top1_and_top5(shards, exported, tmp_path):
     # the W&B run's offline records (protobuf) hold the summary keys with their JSON values
     records = b"".join(p.read_bytes() for p in run_dir.glob("wandb/offline-run-*-evalrun1/run-evalrun1.wandb"))
     assert b"eval/knn/top1" in records and json.dumps(results["knn"]["top1"]).encode() in records
+
+
+@pytest.mark.slow
+def test_the_aasae_protocol_trains_its_probe_on_reflect_padded_crops(shards, exported, tmp_path):
+    """protocol=aasae on CIFAR-sized images: Nesterov SGD with a per-step cosine, and the training features recomputed
+    every epoch from RandomCrop(32, padding 4, reflect) + flip views; the JSON says so. The features are standardised
+    here: this encoder is untrained, and its raw features are too small for two epochs at lr 0.1 to leave chance."""
+    _, path = exported
+    output = tmp_path / "aasae.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-m", "pipeline.evaluate", f"encoder={path}", "data=digits",
+                           f"data.root={shards}", "protocol=aasae", "protocols=[linear]", "linear.epochs=2",
+                           "linear.features=standardized", f"output={output}"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads(output.read_text())
+    assert results["protocol"]["name"] == "aasae" and "knn" not in results
+    settings = results["protocol"]["linear"]
+    assert (settings["features"], settings["nesterov"], settings["cosine_every"], settings["augment"]) == (
+        "standardized", True, "step", "pad_crop_flip")
+    assert 0.3 < results["linear"]["top1"] <= results["linear"]["top5"] <= 1.0

@@ -6,12 +6,13 @@ import re
 import subprocess
 import sys
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch.testing import assert_close
 
 from pipeline.evaluation.knn import KNNMonitor, knn_scores
-from pipeline.evaluation.linear import OnlineLinearProbe
+from pipeline.evaluation.linear import OnlineLinearProbe, pad_crop_flip
 from tests.helpers import REPO
 
 
@@ -92,3 +93,41 @@ def test_online_linear_probe_learns_without_gradient_to_its_input():
         optimizer.step()
     assert features.grad is None
     assert metrics["online_acc1"] > 0.9
+
+
+def test_pad_crop_flip_is_a_shifted_window_of_the_reflect_padded_image():
+    images = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).reshape(2, 3, 8, 8)
+    padded = F.pad(images, (4, 4, 4, 4), mode="reflect")
+    out = pad_crop_flip(images.repeat(200, 1, 1, 1), torch.Generator().manual_seed(0))
+    assert out.shape == (400, 3, 8, 8)
+    flips = 0
+    for i, view in enumerate(out):
+        source = padded[i % 2]
+        windows = [(dy, dx, flip) for dy in range(9) for dx in range(9) for flip in (False, True)
+                   if torch.equal(view, source[:, dy:dy + 8, dx:dx + 8].flip(-1) if flip
+                                  else source[:, dy:dy + 8, dx:dx + 8])]
+        assert windows, f"view {i} is no window of the padded image"
+        flips += windows[0][2]
+    assert 150 < flips < 250  # flipped with p 0.5
+    assert len({tuple(v[0, 0, :2].tolist()) for v in out[::2]}) > 20  # the offsets vary
+
+
+@pytest.mark.parametrize("protocol", ["default", "aasae", "aag"])
+def test_each_protocol_trains_a_probe_that_separates_clusters(protocol):
+    from pipeline.config.compose import load
+    from pipeline.evaluation.linear import linear_probe
+
+    probe = load("evaluate", [f"protocol={protocol}", "encoder=x", "linear.epochs=30"]).linear
+    torch.manual_seed(0)
+    centres = torch.randn(4, 16) * 3
+    labels = torch.arange(400) % 4
+    train = centres[labels] + torch.randn(400, 16)
+    test = (centres[labels[:100]] + torch.randn(100, 16), labels[:100])
+    stats = (train.mean(0), train.std(0))
+
+    def batches(epoch):
+        order = torch.randperm(400)
+        return [(train[i], labels[i]) for i in order.split(probe.batch_size)]
+
+    result = linear_probe(batches, test, 4, 16, probe, stats)
+    assert result["top1"] > 0.9, (protocol, result)
