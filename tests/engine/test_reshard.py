@@ -19,6 +19,7 @@ from torch.testing import assert_close
 from tests.engine.test_train_distributed import finish, losses, torchrun
 
 SAVED, RESUMED = 2, 4  # the checkpoint's step; the step the resumed runs train to
+BF16 = "deepspeed.precision=bf16"
 
 
 def cfg_for(shards: str, run_dir: Path, stage: int, steps: int, optimizer: str = "adamw", *extra: str):
@@ -49,19 +50,19 @@ def full_state(trainer) -> dict:
     return out
 
 
-def train(shards, run_dir, stage, optimizer="adamw"):
+def train(shards, run_dir, stage, optimizer="adamw", *extra):
     from pipeline.engine.trainer import Trainer
 
-    assert Trainer(cfg_for(shards, run_dir, stage, SAVED, optimizer)).run() == "done"
+    assert Trainer(cfg_for(shards, run_dir, stage, SAVED, optimizer, *extra)).run() == "done"
 
 
-def resume(shards, run_dir, stage, name, force=False, go_on=True):
+def resume(shards, run_dir, stage, name, *extra, force=False, go_on=True):
     """Resume run_dir's step-2 checkpoint at this world size; rank 0 saves the state it resumed with to `name`."""
     import torch.distributed as dist
 
     from pipeline.engine.trainer import Trainer
 
-    trainer = Trainer(cfg_for(shards, run_dir, stage, RESUMED, "adamw", *["checkpoint.resume=force"] * force))
+    trainer = Trainer(cfg_for(shards, run_dir, stage, RESUMED, "adamw", *extra, *["checkpoint.resume=force"] * force))
     assert trainer.step == SAVED
     state = full_state(trainer)
     if dist.get_rank() == 0:
@@ -82,12 +83,15 @@ def worker(phase: str, shards: str, out: str) -> None:
         for stage in (1, 2, 3):
             train(shards, out / f"zero{stage}", stage)
             resume(shards, out / f"zero{stage}", stage, "reference.pt", force=True, go_on=False)
+        train(shards, out / "bf16", 2, "adamw", BF16)
+        resume(shards, out / "bf16", 2, "reference.pt", BF16, force=True, go_on=False)
         train(shards, out / "lars", 2, "lars")
     elif phase == "one":  # those at world size 1; a ZeRO 2 run at world size 1 and its reference
         # what a conversion killed half-way leaves: the resume must redo it
         (out / "zero1/checkpoints/step000000002/.universal-tmp/universal").mkdir(parents=True)
         for stage in (1, 2, 3):
             resume(shards, out / f"zero{stage}", stage, "resumed.pt")
+        resume(shards, out / "bf16", 2, "resumed.pt", BF16)
         try:
             train(shards, out / "lars", 2, "lars")  # max_steps=2 again: nothing to train, but it resumes
         except ConfigError as err:
@@ -108,9 +112,9 @@ def runs(shards, tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", ["zero1", "zero2", "zero3", "one"])
+@pytest.mark.parametrize("case", ["zero1", "zero2", "zero3", "bf16", "one"])
 def test_a_zero_checkpoint_resumes_at_another_world_size_with_the_same_state(runs, case):
-    """2 ranks -> 1 for ZeRO 1, 2 and 3; 1 rank -> 2 for ZeRO 2 ("one")."""
+    """2 ranks -> 1 for ZeRO 1, 2 and 3, and ZeRO 2 with bf16; 1 rank -> 2 for ZeRO 2 ("one")."""
     run_dir = runs / case
     reference = torch.load(run_dir / "reference.pt", weights_only=True)
     resumed = torch.load(run_dir / "resumed.pt", weights_only=True)
