@@ -16,6 +16,11 @@ saving is StorageFull, which names the checkpoint that is kept. Before loading, 
 complete tag (sizes, and the CRC of every member of every file: torch.save writes zip archives) and falls back to
 older ones with a warning until one passes; the verdict is broadcast, so all ranks load the same tag or none.
 (Without that, a corrupt file that only one rank reads would fail that rank alone and leave the others waiting.)
+
+A ZeRO 1-3 checkpoint resumed at another world size is first converted, once, by rank 0, with DeepSpeed's own
+converter (deepspeed.checkpoint.ds_to_universal) into `<tag>/universal/`, a layout of whole parameters that any world
+size loads (`checkpoint.load_universal`). It is written under `<tag>/.universal-tmp/` and renamed into place, so an
+interrupted conversion leaves the tag as it was and the next resume redoes it.
 """
 
 from __future__ import annotations
@@ -26,11 +31,14 @@ import logging
 import os
 import re
 import shutil
+import time
 import zipfile
+from argparse import Namespace
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import torch
 import torch.distributed as dist
 
 from pipeline.config.checks import ConfigError
@@ -40,6 +48,10 @@ from pipeline.engine.run_status import now, replace_atomically
 
 log = logging.getLogger(__name__)
 MARKER = "COMPLETE.json"
+UNIVERSAL = "universal"  # inside a tag's folder: that checkpoint converted for any world size
+# DeepSpeed 0.19.8's converter and its ZeRO 3 loader read Adam's state by name (exp_avg, exp_avg_sq, step): other
+# optimizers' states (SGD's and LARS's momentum_buffer) cannot be converted (deepspeed#8608)
+RESHARDABLE = (torch.optim.Adam, torch.optim.AdamW)
 _TAG = re.compile(r"^step(\d{9})$")
 FORMAT = 2  # of experiment.json; format 1 (no "format" key) held experiment_name, method, backbone, dataset, stem
 _FORMAT_1_NAMES = {"dataset": "data.dataset", "stem": "data.stem", "image_size": "data.image_size"}
@@ -100,6 +112,18 @@ def _no_room(err: BaseException | None) -> tuple[str, str] | None:
 
 def tag_for(step: int) -> str:
     return f"step{step:09d}"
+
+
+def _restore_buffers(module, folder: Path) -> None:
+    """DeepSpeed 0.19.8's universal load restores parameters only, leaving buffers (BatchNorm's running statistics)
+    as initialised: copy them from rank 0's model states, which is what a load at the same world size reads."""
+    from pipeline.engine.safe_load import safe_load  # imports DeepSpeed: not for pipeline.evaluate's lookups
+
+    name = "zero_pp_rank_0_mp_rank_00_model_states.pt"  # ZeRO 3; ZeRO 1/2 write one file, rank 0's
+    saved = safe_load(str(folder / name if (folder / name).is_file() else folder / "mp_rank_00_model_states.pt"))
+    with torch.no_grad():
+        for key, buffer in module.named_buffers():
+            buffer.copy_(saved["module"][key])
 
 
 @dataclass
@@ -271,28 +295,74 @@ class Checkpoints:
 
     def load_latest(self, engine) -> Restored | None:
         """Restore weights, optimizer, schedule and this rank's RNG from the newest usable checkpoint, if any."""
+        from pipeline.engine.safe_load import safe_load, weights_only_everywhere
+
         marker = self.choose()
         if marker is None:
             return None
         tag, saved_world = marker["tag"], marker["world_size"]
         world = dist.get_world_size() if dist.is_initialized() else 1
+        load_dir, load_tag = self.dir, tag
         if saved_world != world and marker["zero_stage"] >= 1:
-            raise RuntimeError(
-                f"checkpoint {self.dir / tag} was written by {saved_world} ranks under ZeRO {marker['zero_stage']}; "
-                f"DeepSpeed 0.19.8 cannot re-partition ZeRO optimizer states for {world} ranks. Resume with "
-                f"{saved_world} ranks (checkpoints of zero_stage 0 resume at any world size).")
-        path, client_state = engine.load_checkpoint(str(self.dir), tag=tag, load_optimizer_states=True,
-                                                    load_lr_scheduler_states=True)
+            load_dir, load_tag = self.universal(tag, marker, engine.client_optimizer, world), UNIVERSAL
+        engine._config.load_universal_checkpoint = load_tag == UNIVERSAL  # read at load time only
+        try:
+            with weights_only_everywhere():
+                path, client_state = engine.load_checkpoint(str(load_dir), tag=load_tag, load_optimizer_states=True,
+                                                            load_lr_scheduler_states=True)
+        finally:
+            engine._config.load_universal_checkpoint = False
+        if path is not None and load_tag == UNIVERSAL:
+            _restore_buffers(engine.module, self.dir / tag)
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load checkpoint {self.dir / tag}")
         rng_file = self.dir / tag / f"rng_rank{self.rank}.pt"
         same_world = saved_world == world
         if same_world and rng_file.is_file():
-            from pipeline.engine.safe_load import safe_load
-
             rng.restore(safe_load(str(rng_file)))
         return Restored(tag=tag, step=marker["step"], path=self.dir / tag, client_state=client_state or {},
                         same_world=same_world)
+
+    def universal(self, tag: str, marker: dict, optimizer, world: int) -> Path:
+        """The folder holding `tag` in DeepSpeed's universal form (its `universal` subfolder), converted by rank 0
+        unless an earlier resume did. Collective."""
+        if not isinstance(optimizer, RESHARDABLE):
+            raise ConfigError(
+                f"checkpoint {self.dir / tag} was written by {marker['world_size']} ranks under ZeRO "
+                f"{marker['zero_stage']} with {type(optimizer).__name__}, whose state DeepSpeed 0.19.8 cannot "
+                f"convert for {world} ranks (its universal checkpoints know only Adam's); resume with "
+                f"{marker['world_size']} ranks")
+        folder = self.dir / tag
+        error = None
+        if self.rank == 0 and not (folder / UNIVERSAL).is_dir():
+            error = self._convert(folder)
+        error = broadcast(error)
+        if error:
+            raise RuntimeError(error)
+        return folder
+
+    def _convert(self, folder: Path) -> str | None:
+        """Rank 0: convert `folder` with DeepSpeed's converter into folder/universal, atomically; None or why not."""
+        from deepspeed.checkpoint import ds_to_universal
+
+        from pipeline.engine.safe_load import weights_only_everywhere
+
+        scratch = folder / ".universal-tmp"  # left by an interrupted conversion: redo it
+        shutil.rmtree(scratch, ignore_errors=True)
+        started = time.perf_counter()
+        log.warning("converting %s to a universal checkpoint for another world size", folder)
+        args = Namespace(input_folder=str(folder), output_folder=str(scratch / UNIVERSAL), num_extract_workers=1,
+                         num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True)
+        try:
+            with weights_only_everywhere():
+                ds_to_universal.main(args)  # one process: a pool would fork this rank with its threads
+            (scratch / UNIVERSAL).rename(folder / UNIVERSAL)
+        except Exception as err:
+            return f"converting checkpoint {folder} to a universal checkpoint failed: {type(err).__name__}: {err}"
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        log.warning("converted %s in %.1f s", folder, time.perf_counter() - started)
+        return None
 
     def last_complete(self) -> Path | None:
         tags = self.complete_tags()

@@ -11,6 +11,9 @@ chain: torch's own file writer reports only "enforce fail at inline_container.cc
 
 from __future__ import annotations
 
+import os
+from contextlib import contextmanager
+
 import torch
 from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
@@ -18,11 +21,27 @@ from deepspeed.runtime.zero.config import ZeroStageEnum
 from deepspeed.utils.tensor_fragment import fragment_address
 
 SAFE_GLOBALS = [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+# process-wide, not a safe_globals context: leaving a nested context would remove them from the enclosing one
+torch.serialization.add_safe_globals(SAFE_GLOBALS)
 
 
 def safe_load(path: str, map_location=None):
-    with torch.serialization.safe_globals(SAFE_GLOBALS):
-        return torch.load(path, map_location=map_location, weights_only=True)
+    return torch.load(path, map_location=map_location, weights_only=True)
+
+
+@contextmanager
+def weights_only_everywhere():
+    """Make every torch.load inside weights-only, including DeepSpeed's universal-checkpoint converter and loader,
+    which call torch.load(weights_only=False) directly rather than through the checkpoint engine."""
+    before = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"  # torch reads it at every load
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"]
+        else:
+            os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = before
 
 
 def torch_save(obj, path) -> None:
