@@ -96,6 +96,10 @@ def worker(args, stage: int) -> None:
     import torch.distributed as dist
 
     from pipeline.config.compose import load
+    from pipeline.device import pick, prepare_deepspeed
+    from pipeline.distributed import resolve
+
+    prepare_deepspeed(pick(args.device, resolve().local_rank))  # before DeepSpeed's import picks its accelerator
     from pipeline.engine.trainer import Trainer
 
     run_dir = tempfile.mkdtemp(prefix=f"bench_zero{stage}_")
