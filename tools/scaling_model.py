@@ -160,6 +160,7 @@ def predict(w: Workload, n: int, cluster: Cluster, backward_fraction: float, syn
 
 
 def table(w: Workload, cluster: Cluster, backward_fraction: float, syncbn_group: int = 0, gpus=GPUS) -> list[dict]:
+    """Prints the preset's predictions at each GPU count (saying whether its 1-GPU step was assumed); returns them."""
     rows = [predict(w, n, cluster, backward_fraction, syncbn_group) for n in gpus]
     label = "ASSUMED (goal rate), not measured" if w.step_assumed else "measured"
     print(f"\n{w.name}: {w.params / 1e6:.2f}M parameters, {w.params * w.grad_bytes_per_param / 2**20:.1f} MiB of "
