@@ -3,14 +3,22 @@ shards (webdataset) and applies the same augmentations, in the same run; prints 
 
     python tools/bench_loader.py --synthetic 96                 # STL-10-like 96 px PNGs, contrastive views with blur
     python tools/bench_loader.py --synthetic 224                # ImageNet-like JPEGs, 224 px contrastive views
+    python tools/bench_loader.py --synthetic 224 --method aag --device cuda     # AAG's three views on a GPU
     python tools/bench_loader.py --manifest s3://b/imagenet-train.manifest.json --device cuda   # a GPU run
 
+From another script (the GPU check): `from tools.bench_loader import run; figures = run([...same arguments...])`
+with the repository on sys.path; it prints the same lines and returns the figures as a dict.
+
 The reference mirrors torchvision's PIL code paths (RandomResizedCrop, ColorJitter in random order, Grayscale,
-horizontal flip, PIL's GaussianBlur, ToTensor + Normalize); views with RandAugment (aag's w) have no reference here.
+horizontal flip, PIL's GaussianBlur, ToTensor + Normalize). Views with RandAugment (aag's w) have no reference here,
+so with them the DALI loader is timed alone (as with `--no-reference`).
 `--method NAME` times the views that method declares; `--augmentation NAME` one view of that augmentation.
 Both sides get the same CPU budget: DALI `--threads` CPU threads and `--readers` byte-reading processes, the
-reference `--threads` DataLoader workers. Each side is timed over `--rounds` epochs, alternating, and the best epoch
-of each counts: on a machine shared with other work that is the figure least disturbed by it.
+reference `--threads` DataLoader workers. Each side is timed `--rounds` times, alternating, each time over
+`--seconds` of batches after `--warmup` untimed ones (so a GPU's fast batches are timed as long as a CPU's), running
+on into the next epoch when one ends (DALI's stream goes on; the reference keeps its workers); the best round of each
+counts: on a machine shared with other work that is the figure least disturbed by it. The DALI loader's start-up
+(building it until its first batch) is printed too.
 """
 
 from __future__ import annotations
@@ -165,28 +173,30 @@ def reference_loader(manifest_url: str, views: dict[str, str], batch: int, worke
     dataset = (wds.WebDataset(urls, shardshuffle=len(urls), nodesplitter=None, workersplitter=wds.split_by_worker,
                               empty_check=False)
                .shuffle(1000).map(ReferenceSample(views)))
-    return torch.utils.data.DataLoader(dataset, batch_size=batch, num_workers=workers,
+    return torch.utils.data.DataLoader(dataset, batch_size=batch, num_workers=workers, persistent_workers=workers > 0,
                                        prefetch_factor=4 if workers else None)
 
 
 # -- timing --------------------------------------------------------------------------------------------------------
-def images_per_second(epoch, warmup: int) -> tuple[float, int]:
-    """Throughput over one epoch's batches after the first `warmup` (start-up and queue filling excluded), and how
-    many batches were timed. One epoch only: a DataLoader drains and refills at an epoch's end, the DALI stream
-    does not, and the comparison should not hinge on that."""
-    images, timed, start = 0, 0, 0.0
-    for i, batch in enumerate(epoch):
-        if i == warmup - 1:
-            start = time.perf_counter()
-        elif i >= warmup:
-            images += len(batch)
-            timed += 1
-    if not timed:
-        raise SystemExit("the epoch is too short to time: use more images or a smaller batch")
+def stream(epoch):
+    """Batches of epoch after epoch, so that a timing window may run past an epoch's end."""
+    while True:
+        yield from epoch()
+
+
+def images_per_second(batches, warmup: int, seconds: float) -> tuple[float, int]:
+    """Throughput over the batches that arrive within at least `seconds` after `warmup` untimed ones (start-up, and
+    the queue this side filled while the other was timed), and how many batches were timed."""
+    for _ in range(warmup):
+        next(batches)
+    images, timed, start = 0, 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        images += len(next(batches))
+        timed += 1
     return images / (time.perf_counter() - start), timed
 
 
-def main(argv=None) -> None:
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     data = parser.add_mutually_exclusive_group(required=True)
     data.add_argument("--manifest", help="URL of an existing split's manifest")
@@ -198,16 +208,23 @@ def main(argv=None) -> None:
     which.add_argument("--method", choices=sorted(METHODS), help="time the views this method declares (default simclr)")
     which.add_argument("--augmentation", choices=sorted(AUGMENTATIONS), help="time one view of this augmentation")
     parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--warmup", type=int, default=3, help="untimed batches at the start of the epoch")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed batches before each timed round")
+    parser.add_argument("--seconds", type=float, default=3.0, help="at least this long timed per round and side")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--readers", type=int, default=1, help="DALI byte-reading worker processes")
     parser.add_argument("--device", default="cpu", help="cpu, or cuda to decode with nvJPEG and augment on the GPU")
-    parser.add_argument("--rounds", type=int, default=3, help="epochs timed per loader, alternating; best counts")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds timed per loader, alternating; best counts")
     parser.add_argument("--no-reference", action="store_true", help="time the DALI loader only")
     args = parser.parse_args(argv)
     if args.warmup < 1:
         parser.error("--warmup must be at least 1 (the first batch includes the start-up)")
+    return args
 
+
+def run(argv: list[str] | None = None) -> dict:
+    """Benchmark as the command line says; prints the figures and returns them: images/s of the DALI loader (best
+    and median of the rounds), its start-up seconds, and the reference's and the ratio when there is one."""
+    args = parse_args(argv)
     with tempfile.TemporaryDirectory(dir=args.work or None) as tmp:
         manifest = args.manifest or synthetic_shards(
             args.synthetic, args.images or (2048 if args.synthetic == 96 else 1536), os.path.join(tmp, "shards"))
@@ -215,9 +232,8 @@ def main(argv=None) -> None:
         cfg = LoaderConfig(manifest=manifest, views=views, batch_size=args.batch,
                            tuning=LoaderTuning(num_threads=args.threads, read_workers=args.readers, prefetch=2,
                                                device=args.device))
+        start = time.perf_counter()
         loader = ShardLoader(cfg)
-        print(f"{loader.index.manifest.dataset}: {len(loader.index)} images, views {views} of {loader.image_size} px, "
-              f"batch {args.batch}, {args.threads} thread(s), device {loader.device}", flush=True)
 
         def dali_epoch():
             for batch in loader:
@@ -225,22 +241,41 @@ def main(argv=None) -> None:
                     torch.cuda.synchronize()
                 yield [key for key, real in zip(batch.keys, batch.valid.tolist()) if real]
 
-        reference = None if args.no_reference else reference_loader(manifest, views, args.batch, args.threads)
+        dali_batches = stream(dali_epoch)
+        next(dali_batches)
+        figures = {"dali_startup_s": time.perf_counter() - start}
+        print(f"{loader.index.manifest.dataset}: {len(loader.index)} images, views {views} of {loader.image_size} px, "
+              f"batch {args.batch}, {args.threads} thread(s), device {loader.device}; DALI loader's first batch "
+              f"after {figures['dali_startup_s']:.1f} s", flush=True)
+        info = dataset_info(loader.index.manifest.dataset)
+        randaugment = [name for name, spec in view_specs(views, info, loader.image_size).items()
+                       if spec is not None and spec.randaugment]
+        if randaugment and not args.no_reference:
+            print(f"no PIL reference for RandAugment views ({', '.join(randaugment)}): DALI loader alone", flush=True)
+        reference = None
+        if not (args.no_reference or randaugment):
+            pil = reference_loader(manifest, views, args.batch, args.threads)
+            reference = stream(lambda: (labels for _, labels in pil))
         dali, ref = [], []
         for rounds in range(args.rounds):  # alternating, so that a burst of other load does not favour one side
-            dali.append(images_per_second(dali_epoch(), args.warmup))
+            dali.append(images_per_second(dali_batches, args.warmup, args.seconds))
             print(f"round {rounds + 1}: DALI loader {dali[-1][0]:8.1f} images/s over {dali[-1][1]} batches", flush=True)
             if reference is not None:
-                ref.append(images_per_second((labels for _, labels in reference), args.warmup))
+                ref.append(images_per_second(reference, args.warmup, args.seconds))
                 print(f"         PIL + DataLoader {ref[-1][0]:8.1f} images/s over {ref[-1][1]} batches", flush=True)
         loader.close()
-        best = max(rate for rate, _ in dali)
-        print(f"DALI loader:       best {best:8.1f} images/s, median {statistics.median(r for r, _ in dali):8.1f}")
-        if reference is not None:
-            best_ref = max(rate for rate, _ in ref)
-            median_ref = statistics.median(r for r, _ in ref)
-            print(f"PIL + DataLoader:  best {best_ref:8.1f} images/s, median {median_ref:8.1f}")
-            print(f"ratio DALI / reference (best of {args.rounds} each): {best / best_ref:.2f}x")
+    figures["dali_best"] = max(rate for rate, _ in dali)
+    figures["dali_median"] = statistics.median(r for r, _ in dali)
+    print(f"DALI loader:       best {figures['dali_best']:8.1f} images/s, median {figures['dali_median']:8.1f}")
+    if ref:
+        figures["reference_best"] = max(rate for rate, _ in ref)
+        figures["reference_median"] = statistics.median(r for r, _ in ref)
+        figures["ratio"] = figures["dali_best"] / figures["reference_best"]
+        print(f"PIL + DataLoader:  best {figures['reference_best']:8.1f} images/s, median "
+              f"{figures['reference_median']:8.1f}")
+        print(f"ratio DALI / reference (best of {args.rounds} each): {figures['ratio']:.2f}x", flush=True)
+    return figures
+
 
 if __name__ == "__main__":
-    main()
+    run()

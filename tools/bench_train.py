@@ -3,15 +3,24 @@
 rank, for each ZeRO stage.
 
     python tools/bench_train.py --shards data/digits                       # CPU: world size 2, ZeRO 0-3
-    python tools/bench_train.py --shards /shards/cifar10 --dataset cifar10 --nproc 8 --backbone resnet50 \
+    python tools/bench_train.py --shards /shards/cifar10 --dataset cifar10 --ranks 8 --backbone resnet50 \
         --batch 512 --precision bf16                                         # a GPU node
+    python tools/bench_train.py --shards /shards/imagenet --dataset imagenet --ranks 1 --device cuda \
+        --backbone resnet50 --batch 256 --precision bf16 --stages 2          # one GPU
 
-For each stage it starts `torchrun --nproc_per_node NPROC` once (so that peak memory is that stage's alone) and
+From another script (the GPU check): `from tools.bench_train import run; rows = run([...same arguments...])` with
+the repository on sys.path; it prints the same table and returns its rows.
+
+The device is `--device` (auto: CUDA when torch sees one), which AUGSSL_DEVICE overrides, as for pipeline.train;
+each rank takes the GPU of its local rank. For each stage it starts `torchrun --nproc-per-node RANKS` once (so that
+peak memory is that stage's alone) and
 times `--steps` optimizer steps after `--warmup` steps, twice: feeding the loader's batches (real), and feeding one
 batch, taken from the loader beforehand and kept on the device, over and over (synthetic: the step's own cost).
 input efficiency = real / synthetic samples per second (1.0: the loader never holds training back). Memory per rank:
 peak RSS (CPU) or peak allocated (CUDA), and the bytes of training state this rank holds (its parameters, fp32
 master partitions and optimizer states), which is what ZeRO shards. Prints one table; --json writes the rows.
+The workers get these arguments through the environment, not their command line: torchrun parses its own options
+from the whole command line by prefix, so `--nproc` there was read as its `--nproc-per-node`.
 """
 
 from __future__ import annotations
@@ -27,6 +36,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+WORKER_ARGS = "AUGSSL_BENCH_TRAIN_ARGS"  # the parsed arguments, as JSON, for the torchrun workers
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -38,12 +48,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=64, help="global batch per optimizer step")
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"))
     p.add_argument("--stages", type=int, nargs="+", default=[0, 1, 2, 3])
-    p.add_argument("--nproc", type=int, default=2, help="processes (ranks) per stage")
+    p.add_argument("--ranks", type=int, default=2, help="processes (ranks, one per GPU on CUDA) per stage")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                   help="the train config's device (AUGSSL_DEVICE overrides)")
     p.add_argument("--steps", type=int, default=20, help="timed optimizer steps per mode")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps before each mode")
     p.add_argument("--override", action="append", default=[], help="extra Hydra override (repeatable)")
     p.add_argument("--json", help="also write the rows to this file")
-    p.add_argument("--worker", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -51,9 +62,9 @@ def overrides(args, stage: int, run_dir: str) -> list[str]:
     small = ["method.hidden_dim=256"] if args.method in ("aasae", "vae") and args.backbone == "resnet_small" else []
     return [f"method={args.method}", f"data={args.dataset}", f"data.root={args.shards}",
             f"backbone={args.backbone}", f"deepspeed=zero{stage}", f"deepspeed.precision={args.precision}",
-            f"data.batch_size={args.batch}", f"run_dir={run_dir}", "logger=none", "monitor.knn_every_epochs=0",
-            "checkpoint.every_steps=0", "checkpoint.resume=false", "export_encoder=false", "epochs=1000",
-            *small, *args.override]
+            f"data.batch_size={args.batch}", f"device={args.device}", f"run_dir={run_dir}", "logger=none",
+            "monitor.knn_every_epochs=0", "checkpoint.every_steps=0", "checkpoint.resume=false", "export_encoder=false",
+            "epochs=1000", *small, *args.override]
 
 
 def state_bytes(trainer) -> int:
@@ -80,24 +91,31 @@ def state_bytes(trainer) -> int:
     return total
 
 
-def worker(args) -> None:
+def worker(args, stage: int) -> None:
     import torch
     import torch.distributed as dist
 
     from pipeline.config.compose import load
+    from pipeline.device import pick, prepare_deepspeed
+    from pipeline.distributed import resolve
+
+    prepare_deepspeed(pick(args.device, resolve().local_rank))  # before DeepSpeed's import picks its accelerator
     from pipeline.engine.trainer import Trainer
 
-    stage = int(args.worker)
     run_dir = tempfile.mkdtemp(prefix=f"bench_zero{stage}_")
     trainer = Trainer(load("train", overrides(args, stage, run_dir)))
     engine, views_needed = trainer.engine, trainer.method.views
     batches = iter(trainer.loader)
     cuda = trainer.device.type == "cuda"
 
-    def step(batch) -> None:
-        views = {k: batch.views[k].to(trainer.dtype) for k in views_needed}
+    def on_device(batch):
+        """The views and labels where the model computes, as the trainer moves them."""
+        views = {k: batch.views[k].to(trainer.device, trainer.dtype, non_blocking=True) for k in views_needed}
+        return views, batch.labels.to(trainer.device, non_blocking=True)
+
+    def step(inputs) -> None:
         for _ in range(trainer.ga):
-            loss, _ = engine(views, batch.labels)
+            loss, _ = engine(*inputs)
             engine.backward(loss)
             engine.step()
 
@@ -109,25 +127,25 @@ def worker(args) -> None:
             batch = next(batches)
         return batch
 
-    def timed(get_batch) -> float:
+    def timed(get_inputs) -> float:
         for _ in range(args.warmup):
-            step(get_batch())
+            step(get_inputs())
         if cuda:
             torch.cuda.synchronize()
         dist.barrier()
         start = time.perf_counter()
         for _ in range(args.steps):
-            step(get_batch())
+            step(get_inputs())
         if cuda:
             torch.cuda.synchronize()
         dist.barrier()
         return args.steps * trainer.geometry.global_batch / (time.perf_counter() - start)
 
-    fixed = next_batch()
+    fixed = on_device(next_batch())
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     synthetic = timed(lambda: fixed)
-    real = timed(next_batch)
+    real = timed(lambda: on_device(next_batch()))
     peak = torch.cuda.max_memory_allocated() if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     row = torch.tensor([peak, state_bytes(trainer)], dtype=torch.float64, device=trainer.device)
     rows = [torch.zeros_like(row) for _ in range(dist.get_world_size())]
@@ -142,35 +160,46 @@ def worker(args) -> None:
             "state_mib_per_rank": [r[1].item() / 2**20 for r in rows]}), flush=True)
 
 
-def main(argv=None) -> int:
+def run(argv: list[str] | None = None) -> list[dict]:
+    """Benchmark as the command line says; prints the table and returns its rows (RuntimeError when a stage fails,
+    with the tail of its output)."""
     args = parse_args(argv)
-    if args.worker is not None:
-        worker(args)
-        return 0
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), WORKER_ARGS: json.dumps(vars(args)),
            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     results = []
     for stage in args.stages:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(args.nproc),
-               __file__, *(argv if argv is not None else sys.argv[1:]), "--worker", str(stage)]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(args.ranks),
+               __file__, "--worker-stage", str(stage)]
         proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True)
         lines = [line for line in proc.stdout.splitlines() if line.startswith("BENCH ")]
         if proc.returncode or not lines:
-            print(proc.stdout[-3000:] + proc.stderr[-3000:], file=sys.stderr)
-            return 1
+            raise RuntimeError(f"ZeRO {stage} failed (exit {proc.returncode}):\n"
+                               + proc.stdout[-3000:] + proc.stderr[-3000:])
         results.append(json.loads(lines[-1][len("BENCH "):]))
     head = (f"{'ZeRO':>4} {'synthetic/s':>12} {'real/s':>9} {'input eff.':>10} {'peak MiB/rank':>16} "
             f"{'state MiB/rank':>16}")
     print(f"{args.method} on {args.dataset}, {args.backbone}, global batch {args.batch}, {args.precision}, "
-          f"{args.nproc} ranks on {results[0]['device']}")
+          f"{args.ranks} rank(s) on {results[0]['device']}")
     print(head)
     for r in results:
         peak = "/".join(f"{m:.0f}" for m in r["peak_memory_mib_per_rank"])
         state = "/".join(f"{m:.1f}" for m in r["state_mib_per_rank"])
         print(f"{r['zero_stage']:>4} {r['synthetic_samples_per_s']:>12.1f} {r['real_samples_per_s']:>9.1f} "
-              f"{r['input_efficiency']:>10.2f} {peak:>16} {state:>16}")
+              f"{r['input_efficiency']:>10.2f} {peak:>16} {state:>16}", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
+    return results
+
+
+def main() -> int:
+    if sys.argv[1:2] == ["--worker-stage"]:
+        worker(argparse.Namespace(**json.loads(os.environ[WORKER_ARGS])), int(sys.argv[2]))
+        return 0
+    try:
+        run()
+    except RuntimeError as err:
+        print(err, file=sys.stderr)
+        return 1
     return 0
 
 
