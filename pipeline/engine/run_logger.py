@@ -3,10 +3,11 @@
 The console: on a terminal a tqdm bar (steps, images/s, epoch, loss, lr, ETA); otherwise (a Slurm or Kubernetes log
 file, where a bar writes one carriage-return update per step) one plain line every `logger.print_every_s`.
 
-Only rank 0 writes anything; the trainer averages metrics over ranks before handing them here. W&B offline needs
-no account or network (`wandb sync run_dir/wandb/offline-run-*` uploads later); its run id is kept in every
-checkpoint so that a resumed run continues the same W&B run. Credentials come from the environment (WANDB_API_KEY),
-never from a config.
+Only rank 0 writes anything; the trainer averages metrics over ranks before handing them here. W&B offline needs no
+account or network; its run id is kept in every checkpoint so that a resumed run continues the same W&B run (online:
+resume="allow"). Offline, each attempt writes its own folder: `tools/sync_wandb.py RUN_DIR` merges them into one
+history, every step once, before `wandb sync`. The first row after a resume carries `resumed_from_step`. Credentials
+come from the environment (WANDB_API_KEY), never from a config.
 """
 
 from __future__ import annotations
@@ -68,6 +69,8 @@ class RunLogger:
                  start_step: int):
         self.is_main, self.run_dir = is_main, Path(run_dir)
         self.run_id, self.wandb, self.bar = run_id, None, None
+        # marks the first row an attempt logs after a resume (in its own step: no step is ever logged twice)
+        self.resumed = {"resumed_from_step": start_step} if start_step else {}
         self.total_steps, self.start_step, self.print_every_s = total_steps, start_step, cfg.logger.print_every_s
         self.started = self.printed = time.monotonic()
         if not is_main:
@@ -95,6 +98,7 @@ class RunLogger:
     def log(self, step: int, metrics: dict[str, float]) -> None:
         if not self.is_main:
             return
+        metrics, self.resumed = {**metrics, **self.resumed}, {}
         clean = {k: (v if math.isfinite(v) else str(v)) for k, v in metrics.items()}
         self.jsonl.write(json.dumps({"step": step, **clean}) + "\n")
         self.jsonl.flush()

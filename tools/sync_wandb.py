@@ -1,0 +1,124 @@
+#!/usr/bin/env python
+"""One W&B history for a run that was preempted and resumed offline: merge its attempts, then sync once.
+
+    python tools/sync_wandb.py runs/imagenet_aasae            # writes RUN_DIR/wandb-merged/wandb/offline-run-*-<id>
+    python tools/sync_wandb.py runs/imagenet_aasae --upload   # ... and runs `wandb sync` on it
+
+Offline, every attempt of a run (each requeue or pod restart) writes its own `RUN_DIR/wandb/offline-run-<time>-<id>`
+with the same run id, and `wandb sync` of several such folders replaces rather than appends. An attempt resumed from
+the checkpoint of step S re-does the steps after S, which the attempt before it may have logged already. So the
+attempts are read in order (their `.wandb` record logs), and from each only the steps before the next attempt's first
+step are kept: every step once, as its last attempt computed it, with its images (media files re-logged). The merged
+run keeps the id, project and config, so syncing it gives the online run one history. Online runs need none of
+this: they resume the same id (`resume="allow"`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+BLOCK, HEADER = 32768, 7  # the record log's block size and per-chunk header (crc32, length, type)
+FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
+
+
+def records(path: Path) -> list[bytes]:
+    """The serialised records of a W&B `.wandb` file (a leveldb-style log: a 7-byte file header, then 32 KiB blocks
+    of chunks, a record split over chunks where it crosses a block)."""
+    data, pos, out, partial = path.read_bytes(), 7, [], b""
+    while pos + HEADER <= len(data):
+        left = BLOCK - pos % BLOCK
+        if left < HEADER:  # block trailer
+            pos += left
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + HEADER])
+        chunk = data[pos + HEADER : pos + HEADER + length]
+        pos += HEADER + length
+        if kind == FULL:
+            out.append(chunk)
+        elif kind == FIRST:
+            partial = chunk
+        elif kind == MIDDLE:
+            partial += chunk
+        elif kind == LAST:
+            out.append(partial + chunk)
+    return out
+
+
+def history(folder: Path) -> list[tuple[int, dict]]:
+    """(step, {key: value}) of each history record of one offline run folder, in the order logged."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    rows = []
+    for log in folder.glob("run-*.wandb"):
+        for raw in records(log):
+            record = pb.Record()
+            record.ParseFromString(raw)
+            if record.WhichOneof("record_type") == "history":
+                items = {item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                         for item in record.history.item}
+                rows.append((record.history.step.num, {k: v for k, v in items.items() if not k.startswith("_")}))
+    return rows
+
+
+def merged(attempts: list[Path]) -> list[tuple[int, dict, Path]]:
+    """(step, values, the attempt folder) of each step once, from the last attempt that logged it before the next
+    attempt started over."""
+    rows = [(folder, history(folder)) for folder in attempts]
+    out = []
+    for i, (folder, steps) in enumerate(rows):
+        starts = [s[0][0] for _, s in rows[i + 1 :] if s]
+        stop = min(starts, default=None)
+        out += [(step, values, folder) for step, values in steps if stop is None or step < stop]
+    return sorted(out, key=lambda row: row[0])
+
+
+def merge(run_dir: Path) -> tuple[Path, list[int]]:
+    """Writes the merged offline run; returns its folder and the steps it holds."""
+    import wandb
+    from omegaconf import OmegaConf
+
+    attempts = sorted((run_dir / "wandb").glob("offline-run-*"))  # named offline-run-<YYYYmmdd_HHMMSS>-<id>
+    if not attempts:
+        raise SystemExit(f"sync_wandb: no offline W&B runs in {run_dir / 'wandb'}")
+    ids = {folder.name.rsplit("-", 1)[1] for folder in attempts}
+    if len(ids) != 1:
+        raise SystemExit(f"sync_wandb: {run_dir / 'wandb'} holds runs of several ids {sorted(ids)}: "
+                         "one run dir is one W&B run")
+    cfg = OmegaConf.load(run_dir / "config.yaml")
+    rows = merged(attempts)
+    out = run_dir / "wandb-merged"
+    shutil.rmtree(out, ignore_errors=True)  # a merge replaces the previous one: it holds every attempt so far
+    run = wandb.init(project=cfg.logger.project, entity=cfg.logger.entity, id=ids.pop(), dir=str(out),
+                     mode="offline", name=cfg.experiment_name, config=OmegaConf.to_container(cfg, resolve=True),
+                     settings=wandb.Settings(console="off", silent=True, disable_git=True, save_code=False))
+    for step, values, folder in rows:
+        logged = {k: wandb.Image(str(folder / "files" / v["path"]), caption=v.get("caption"))
+                  if isinstance(v, dict) and v.get("_type") == "image-file" else v for k, v in values.items()}
+        run.log(logged, step=step)
+    run.finish()
+    return Path(run.dir).parent, [step for step, _, _ in rows]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("run_dir", type=Path)
+    p.add_argument("--upload", action="store_true", help="run `wandb sync` on the merged run (needs an account)")
+    args = p.parse_args(argv)
+    folder, steps = merge(args.run_dir)
+    attempts = len(list((args.run_dir / "wandb").glob("offline-run-*")))
+    print(f"sync_wandb: {attempts} attempt(s) merged into {folder}: {len(steps)} steps "
+          f"({steps[0] if steps else '-'}..{steps[-1] if steps else '-'}), each once")
+    if args.upload:
+        return subprocess.run([sys.executable, "-m", "wandb", "sync", str(folder)]).returncode
+    print(f"upload with: wandb sync {folder}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
