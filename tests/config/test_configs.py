@@ -122,21 +122,26 @@ def test_paper_hyper_parameters():
     assert (aag.optimizer.name, aag.optimizer.lr, aag.optimizer.momentum, aag.optimizer.weight_decay) == (
         "sgd", 0.03, 0.9, 5e-4)
     assert (aag.schedule.name, aag.epochs, aag.data.batch_size) == ("cosine", 1000, 64)
-    simclr = load("train", ["experiment=cifar10_simclr"])
-    assert (simclr.method.name, simclr.method.temperature) == ("simclr", 0.5)
+    simclr = load("train", ["experiment=cifar10_simclr"])  # SimCLR's own CIFAR-10 recipe
+    assert (simclr.method.name, simclr.method.temperature, simclr.backbone.arch, simclr.data.batch_size) == (
+        "simclr", 0.5, "resnet18", 512)
+    assert (simclr.optimizer.name, simclr.optimizer.lr, simclr.optimizer.weight_decay) == ("lars", 2.0, 1e-4)
+    assert (simclr.schedule.warmup_epochs, simclr.epochs) == (10, 1000)
+    assert load("train", ["experiment=imagenet_simclr"]).method.temperature == 0.1  # SimCLR's ImageNet tau
+    assert load("train", ["experiment=stl10_aag"]).data.stem == "stl10"
     for dataset in ("svhn", "stl10", "cifar100"):  # the CIFAR-10 recipe as it is
         other = load("train", [f"experiment={dataset}_aag"])
         assert (other.data.dataset, other.optimizer, other.data.batch_size) == (dataset, aag.optimizer, 64)
 
 
 @pytest.mark.parametrize("baseline, preset", [
-    ("cifar10_simclr", "cifar10_aag"), ("imagenet_simclr", "imagenet_aag"),
+    ("cifar10_simclr_aagrecipe", "cifar10_aag"), ("imagenet_simclr", "imagenet_aag"),
     ("cifar10_vae", "cifar10_aasae"), ("stl10_vae", "stl10_aasae"), ("imagenet_vae", "imagenet_aasae")])
 def test_a_baseline_is_its_paper_preset_with_the_method_switched(baseline, preset):
     base, paper = (OmegaConf.to_container(load("train", [f"experiment={name}"])) for name in (baseline, preset))
     for cfg in (base, paper):
         del cfg["method"], cfg["experiment_name"], cfg["run_dir"]
-    assert base == paper
+    assert base == paper  # the method's own settings aside (imagenet_simclr: SimCLR's tau 0.1)
 
 
 @pytest.mark.parametrize("overrides, message", [
