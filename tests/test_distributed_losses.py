@@ -10,18 +10,14 @@ What must hold (pipeline/distributed.py explains why):
 The kNN monitor's sharded bank has its own test: tests/evaluation/test_knn_sharded.py.
 """
 
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from torch.testing import assert_close
 
 from pipeline.losses import LOSSES
-from tests.helpers import REPO
 from tests.helpers import dist_worker as w
+from tests.helpers.torchrun import run_ranks
 
 pytestmark = pytest.mark.slow
 WORLD = 2
@@ -30,13 +26,7 @@ WORLD = 2
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("dist")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(WORLD),
-           str(Path(w.__file__)), str(out)]
-    repo = str(REPO)  # importable even without `pip install -e .`
-    pythonpath = os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")]))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": pythonpath}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    run_ranks(w.__file__, WORLD, str(out), timeout=240)
     return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
 
 

@@ -27,6 +27,7 @@ from torch.testing import assert_close
 
 from pipeline.engine.ds_config import MODULE_DTYPES
 from tests.helpers import REPO
+from tests.helpers.torchrun import run_ranks
 
 WORLD, MICRO, STEPS, TOL = 2, 8, 50, 1e-3
 LEGACY = {"bf16": {"enabled": True}, "data_types": {"buffer_dtype": "bf16"}, "torch_autocast": {"enabled": False}}
@@ -86,11 +87,7 @@ def worker(out_dir: str) -> None:
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("bf16_bn")
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-                           str(WORLD), __file__, str(out)], capture_output=True, text=True, timeout=400, env=env)
-    assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-5000:]
+    run_ranks(__file__, WORLD, str(out))
     return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
 
 
@@ -143,3 +140,6 @@ def test_a_bf16_run_trains_draws_monitors_and_exports_through_the_trainer(shards
 
 if __name__ == "__main__":
     worker(sys.argv[1])
+    # Its results are written. Skip the interpreter's teardown: a gloo or DeepSpeed thread still joinable in a C++
+    # destructor aborts the process now and then ("terminate called without an active exception", 2 CI runs of 9)
+    os._exit(0)

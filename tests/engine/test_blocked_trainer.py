@@ -48,9 +48,12 @@ def expect_no_process_left(pids: set[int]) -> None:
 
 
 def test_a_killed_reader_worker_ends_the_run_naming_it(shards, tmp_path):
+    """Usually the wait for the batch fails at once and the trainer checkpoints the step first. A worker killed
+    while it held the pool's shared lock leaves the main loop blocked in Python's condition instead: then the
+    watchdog ends the run after dist.stop_grace_s, with the same reason, keeping the last periodic checkpoint."""
     run_dir = tmp_path / "run"
-    # a checkpoint restarts the input stream (new workers): kill one in the middle of a stream's life
-    proc = trainer(shards, run_dir, "data.loader.read_workers=2", "checkpoint.every_steps=5")
+    proc = trainer(shards, run_dir, "data.loader.read_workers=2", "checkpoint.every_steps=5",
+                   f"dist.stop_grace_s={GRACE_S}")
     try:
         wait_for_step(run_dir, 6, [proc])
         command = Path(f"/proc/{proc.pid}/cmdline").read_bytes()
@@ -63,11 +66,15 @@ def test_a_killed_reader_worker_ends_the_run_naming_it(shards, tmp_path):
         took = time.monotonic() - killed
         print(f"ended {took:.1f} s after the kill")
         reason = f"DALI reader worker {workers[0]} of rank 0 died (SIGKILL: out of memory?)"
-        assert proc.returncode == 1 and took < 15, out[-3000:]
+        assert proc.returncode == 1 and took < GRACE_S + 10, out[-3000:]
         assert reason in out and "Traceback" not in out and "DALI failed" not in out, out[-3000:]
         status = json.loads((run_dir / "status.json").read_text())
-        assert (status["status"], status["exit_code"], status["reason"]) == ("failed", 1, reason)
-        assert newest_checkpoint_is_intact(run_dir) == status["step"] >= 6  # saved at the step the worker died in
+        assert (status["status"], status["exit_code"], status["reason"][: len(reason)]) == ("failed", 1, reason)
+        saved = newest_checkpoint_is_intact(run_dir)
+        if "did not stop within dist.stop_grace_s" not in status["reason"]:
+            assert saved == status["step"] >= 6  # the main loop stopped: saved at the step the worker died in
+        else:
+            assert saved >= 5 and status["step"] >= 6  # the watchdog ended it: the last periodic checkpoint kept
         expect_no_process_left(run)
     finally:
         if proc.poll() is None:

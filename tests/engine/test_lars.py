@@ -9,7 +9,6 @@ worker checks: local norms on those shards would be off by far more than the tol
 """
 
 import os
-import subprocess
 import sys
 
 import pytest
@@ -20,7 +19,7 @@ from torch.testing import assert_close
 
 from pipeline.engine.lars import LARS, Layout
 from pipeline.engine.optimizers import param_groups
-from tests.helpers import REPO
+from tests.helpers.torchrun import run_ranks
 
 WORLD, GLOBAL_BATCH, STEPS = 2, 8, 3
 LR, MOMENTUM, WEIGHT_DECAY, ETA = 0.1, 0.9, 0.05, 1.0
@@ -106,12 +105,7 @@ def _cuts_a_parameter(optimizer, lars: LARS, stage: int) -> bool:
 @pytest.fixture(scope="module")
 def distributed(tmp_path_factory):
     out = tmp_path_factory.mktemp("lars")
-    repo = str(REPO)
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")]))}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-                           str(WORLD), __file__, str(out)], capture_output=True, text=True, timeout=400, env=env)
-    assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-5000:]
+    run_ranks(__file__, WORLD, str(out))
     return torch.load(out / "lars.pt", weights_only=True)
 
 
@@ -170,3 +164,6 @@ def test_excluded_group_is_plain_momentum_sgd():
 
 if __name__ == "__main__":
     worker(sys.argv[1])
+    # Its results are written. Skip the interpreter's teardown: a gloo or DeepSpeed thread still joinable in a C++
+    # destructor aborts the process now and then ("terminate called without an active exception", 2 CI runs of 9)
+    os._exit(0)

@@ -23,6 +23,7 @@ import torch
 from torch.testing import assert_close
 
 from tests.helpers import REPO
+from tests.helpers.torchrun import environment
 
 STAGES = (0, 1, 2, 3)
 METHODS = ("aasae", "vae", "aag", "simclr")
@@ -100,10 +101,8 @@ def worker(shards: str, out: str) -> None:
 
 
 def torchrun(args: list[str], nproc: int = 2, **kwargs) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-                             str(nproc), *args], env=env, cwd=REPO, stdout=subprocess.PIPE,
+                             str(nproc), *args], env=environment(), cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True, **kwargs)
 
 

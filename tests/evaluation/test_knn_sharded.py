@@ -9,7 +9,6 @@ class scores then agree to the rounding of the similarities (1e-2 relative), and
 """
 
 import os
-import subprocess
 import sys
 
 import pytest
@@ -19,7 +18,7 @@ from torch.testing import assert_close
 
 from pipeline.evaluation.accuracy import topk_accuracy
 from pipeline.evaluation.knn import KNNMonitor, knn_scores
-from tests.helpers import REPO
+from tests.helpers.torchrun import run_ranks
 
 WORLD, CLASSES, DIM, K, CHUNK = 2, 10, 16, 8, 4
 BANK, QUERIES = 40, 17
@@ -70,11 +69,7 @@ def worker(out_dir: str) -> None:
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("knn")
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-                           str(WORLD), __file__, str(out)], capture_output=True, text=True, timeout=240, env=env)
-    assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-5000:]
+    run_ranks(__file__, WORLD, str(out), timeout=240)
     return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
 
 
@@ -108,3 +103,6 @@ def test_sharded_monitor_equals_the_gathered_fp32_knn(ranks, name):
 
 if __name__ == "__main__":
     worker(sys.argv[1])
+    # Its results are written. Skip the interpreter's teardown: a gloo or DeepSpeed thread still joinable in a C++
+    # destructor aborts the process now and then ("terminate called without an active exception", 2 CI runs of 9)
+    os._exit(0)

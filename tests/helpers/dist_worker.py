@@ -6,6 +6,7 @@ what it saw to OUT_DIR/rank{r}.pt. The test recomputes the same things in one pr
 the builders below. Everything is float64 so that the comparisons can be tight.
 """
 
+import os
 import sys
 
 import torch
@@ -74,3 +75,6 @@ def main(out_dir: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1])
+    # Its results are written. Skip the interpreter's teardown: a gloo or DeepSpeed thread still joinable in a C++
+    # destructor aborts the process now and then ("terminate called without an active exception", 2 CI runs of 9)
+    os._exit(0)
