@@ -5,7 +5,6 @@ ZeRO-2 training run on one GPU, and the gradient-carrying gather over NCCL at wo
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
@@ -14,14 +13,14 @@ import torch
 
 from tests.helpers import REPO
 from tests.helpers.loader_data import digits_split, make_loader
+from tests.helpers.torchrun import environment
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 
 def gpu_env() -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "DS_ACCELERATOR"}
-    return {**env, "AUGSSL_DEVICE": "cuda", "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO),
-                                                                                       env.get("PYTHONPATH")]))}
+    env = {k: v for k, v in environment().items() if k != "DS_ACCELERATOR"}
+    return {**env, "AUGSSL_DEVICE": "cuda"}
 
 
 def test_nvjpeg_decodes_the_eval_view_as_the_cpu_decoder_does(tmp_path):

@@ -3,22 +3,20 @@ losses of the eager run. The `aot_eager` backend traces forward and backward as 
 code, so the test takes seconds rather than the minutes inductor needs on a CPU."""
 
 import json
-import os
 import subprocess
 import sys
 
 import pytest
 
 from tests.helpers import REPO
+from tests.helpers.torchrun import environment
 
 
 def losses(shards, run_dir, *extra: str) -> tuple[list[float], str]:
     args = ["experiment=smoke", "method=aag", f"data.root={shards}", f"run_dir={run_dir}", "logger=none",
             "logger.log_every_steps=1", "logger.progress_bar=false", "monitor.knn_every_epochs=0", "max_steps=3",
             "checkpoint.every_steps=0", *extra]
-    env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    proc = subprocess.run([sys.executable, "-m", "pipeline.train", *args], cwd=REPO, env=env, text=True,
+    proc = subprocess.run([sys.executable, "-m", "pipeline.train", *args], cwd=REPO, env=environment(), text=True,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=300)
     assert proc.returncode == 0, proc.stdout[-4000:]
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -3,7 +3,6 @@ scratch working directory: each point of a Hydra multirun trains in a run dir of
 only by a command whose weight-shaping settings match the ones that made it (or with checkpoint.resume=force)."""
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -14,15 +13,14 @@ import torch
 from safetensors.torch import load_file
 
 from pipeline.engine.run_status import read_status
-from tests.helpers import REPO
+from tests.helpers.torchrun import environment
 
 SMOKE = ["experiment=smoke", "method=aag", "logger=none", "logger.progress_bar=false", "max_steps=2",
          "monitor.knn_every_epochs=0"]
 
 
 def train(cwd: Path, shards: str, *overrides: str, multirun: bool = False) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    env = {**environment(), "WANDB_SILENT": "true"}
     return subprocess.run([sys.executable, "-m", "pipeline.train", *(["-m"] if multirun else []), *SMOKE,
                            f"data.root={shards}", *overrides], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=600)

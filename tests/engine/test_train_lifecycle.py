@@ -5,7 +5,6 @@ good checkpoint, and a mistyped key stops before anything starts. Each outcome i
 
 import json
 import math
-import os
 import signal
 import subprocess
 import sys
@@ -18,14 +17,14 @@ from pipeline.engine.checkpoint import Checkpoints
 from pipeline.engine.run_status import read_status
 from pipeline.engine.safe_load import safe_load
 from tests.helpers import REPO
+from tests.helpers.torchrun import environment
 
 
 def train(shards, run_dir, *extra: str) -> subprocess.Popen:
     args = ["experiment=smoke", "method=aasae", "method.hidden_dim=64", f"data.root={shards}", f"run_dir={run_dir}",
             "logger.progress_bar=false", "logger.log_every_steps=1", "logger.image_every_steps=2",
             "monitor.knn_every_epochs=0", "checkpoint.every_steps=2", "max_steps=200", *extra]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    env = {**environment(), "WANDB_SILENT": "true"}
     return subprocess.Popen([sys.executable, "-m", "pipeline.train", *args], cwd=REPO, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 

@@ -1,7 +1,6 @@
 """Weighted kNN against a loop reference, the kNN monitor on data whose answer is known and against knn_scores,
 and its memory budget."""
 
-import os
 import re
 import subprocess
 import sys
@@ -14,6 +13,7 @@ from torch.testing import assert_close
 from pipeline.evaluation.knn import KNNMonitor, knn_scores
 from pipeline.evaluation.linear import OnlineLinearProbe, pad_crop_flip
 from tests.helpers import REPO
+from tests.helpers.torchrun import environment
 
 
 def ref_knn_scores(queries, bank, labels, num_classes, k, tau):
@@ -88,9 +88,8 @@ def test_the_monitor_budget_for_imagenet_on_8_ranks_is_under_2_gb():
     assert eight["peak"] == max(eight["peak while concatenating the share"], eight["peak while searching"])
     assert abs(sixteen["bank share"] * 2 / eight["bank share"] - 1) < 1e-3
     assert eight["peak"] <= 2e9 < eight["gathered fp32 bank (before)"]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    out = subprocess.run([sys.executable, "tools/knn_memory.py"], cwd=REPO, env=env, capture_output=True, text=True,
-                         check=True, timeout=120).stdout
+    out = subprocess.run([sys.executable, "tools/knn_memory.py"], cwd=REPO, env=environment(), capture_output=True,
+                         text=True, check=True, timeout=120).stdout
     assert float(re.search(r"^ +peak +([\d.]+) GB$", out, re.M).group(1)) == round(eight["peak"] / 1e9, 3), out
 
 
