@@ -108,7 +108,7 @@ class Trainer:
 
         self.loader = loader_for(cfg.data, "train", METHODS[cfg.method.name].views, self.geometry.micro_batch,
                                  self.rank, self.world, seed=cfg.seed, shuffle=True, device=self.device)
-        self.num_classes = len(self.loader.index.manifest.classes) if cfg.monitor.online_probe else 0
+        self.num_classes, self.knn_every, self.unlabelled = self._monitors_with_labels()
         micro_per_epoch = self.loader.steps_per_epoch
         self.total_steps = cfg.max_steps or max(1, math.floor(cfg.epochs * micro_per_epoch / self.ga))
         warmup = min(self.total_steps, round(cfg.schedule.warmup_epochs * micro_per_epoch / self.ga))
@@ -138,12 +138,30 @@ class Trainer:
         if self.rank == 0:
             OmegaConf.save(OmegaConf.create(redacted_config(cfg)), self.run_dir / "config.yaml")
         self.logger.message(self._banner())
+        if self.unlabelled:
+            self.logger.message(self.unlabelled)
+
+    def _monitors_with_labels(self) -> tuple[int, int, str]:
+        """The online probe's class count and the kNN monitor's period, each 0 (off) where its splits carry no labels
+        (a flat image folder, STL-10's unlabeled split), with the one line that says so ("" when nothing is off)."""
+        cfg, off = self.cfg, []
+        classes = len(self.loader.index.manifest.classes)
+        if cfg.monitor.online_probe and not classes:
+            off.append(f"online probe off: the training split {cfg.data.train_split} has no labels")
+        knn_every = cfg.monitor.knn_every_epochs
+        if knn_every > 0:
+            bare = [f"the {role} split {cfg.data[f'{role}_split']}" for role, url in
+                    split_manifests(cfg.data, ("bank", "test")).items() if not read_manifest(url).classes]
+            if bare:
+                knn_every = 0
+                off.append(f"kNN monitor off: {' and '.join(bare)} {'have' if len(bare) > 1 else 'has'} no labels")
+        return (classes if cfg.monitor.online_probe else 0), knn_every, "; ".join(off)
 
     def _banner(self) -> str:
         """What this run is, printed once on rank 0 before the first step, for whoever reads its log."""
         cfg, g = self.cfg, self.geometry
         splits = f"{cfg.data.train_split} split {len(self.loader.index)} samples"
-        if cfg.monitor.knn_every_epochs > 0:
+        if self.knn_every > 0:
             sizes = {role: read_manifest(url).num_samples for role, url in split_manifests(cfg.data, ("bank", "test"))
                      .items()}
             splits += f"; kNN bank {cfg.data.bank_split} {sizes['bank']}, test {cfg.data.test_split} {sizes['test']}"
@@ -239,7 +257,7 @@ class Trainer:
             if status == "done":
                 if self.last_saved != self.step:
                     self.save()
-                if self.cfg.monitor.knn_every_epochs > 0:
+                if self.knn_every > 0:
                     self._log_knn()
                 if self.cfg.export_encoder:
                     with self.watchdog.paused():
@@ -325,7 +343,7 @@ class Trainer:
         return batch
 
     def _knn_due(self, epochs_done: int) -> bool:
-        every = self.cfg.monitor.knn_every_epochs
+        every = self.knn_every
         return every > 0 and epochs_done % every == 0 and self.step < self.total_steps
 
     def _log_knn(self) -> None:

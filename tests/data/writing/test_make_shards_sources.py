@@ -161,3 +161,10 @@ def test_missing_stl10_labels_file_is_named(tmp_path):
     os.remove(tmp_path / "stl10_binary" / "test_y.bin")
     with pytest.raises(SourceLayoutError, match="test_y.bin not found"):
         build_source("stl10", str(tmp_path), "test")
+
+
+def test_an_image_folder_with_class_folders_and_loose_images_is_refused(tmp_path):
+    make_image_folder(str(tmp_path / "src"))
+    (tmp_path / "src" / "stray.png").write_bytes((tmp_path / "src" / "cats" / "cats0.png").read_bytes())
+    with pytest.raises(SourceLayoutError, match="both class sub-folders and 1 images beside them"):
+        build_source("folder", str(tmp_path / "src"), "train")
