@@ -68,6 +68,7 @@ def _app(cfg: DictConfig) -> None:
         exit_with(BAD_CONFIG)
 
     from pipeline.data.loading.loader import BadSampleError
+    from pipeline.data.loading.shard_index import ShardError
     from pipeline.engine.checkpoint import StorageFull
     from pipeline.engine.trainer import BadData, NonFiniteLoss, ReaderWorkerDied, Trainer
 
@@ -82,7 +83,7 @@ def _app(cfg: DictConfig) -> None:
     except NonFiniteLoss as err:
         logging.getLogger(__name__).error("%s", err)
         exit_with(NON_FINITE_LOSS)
-    except (BadData, BadSampleError) as err:
+    except (BadData, BadSampleError, ShardError) as err:
         logging.getLogger(__name__).error("%s", err)
         exit_with(BAD_DATA)
     except StorageFull as err:

@@ -4,7 +4,8 @@ setting stops the run at once (exit 2), before any process group starts or DeepS
 - `check_values`: every field's allowed range (pipeline/config/fields.py), the method's name, and the DeepSpeed
   settings that only work together;
 - `check_launch`: the global batch divides into world size x gradient accumulation for this launch;
-- `check_shards`: the splits the config names exist as manifests of the configured dataset, with a class count
+- `check_shards`: the splits the config names exist as manifests of the configured dataset, with every shard and
+  index file they list (a missing one is named with the make_shards command that writes it), with a class count
   the dataset can have, the training split fills at least one global batch, and the labelled splits agree on their
   classes.
 Each raises ConfigError with one line: the key, the value and what is allowed.
@@ -65,9 +66,20 @@ def split_manifests(data: DictConfig, roles: tuple[str, ...] = ("train", "bank",
     return {role: manifest_url(data.root, data.dataset, data[f"{role}_split"]) for role in roles}
 
 
+def make_shards_command(data: DictConfig, role: str) -> str:
+    """The tools/make_shards.py command that writes the split of `role` where this config reads it."""
+    from pipeline.data.datasets import DATASETS
+
+    source = data.dataset if data.dataset in DATASETS and data.dataset != "folder" else "folder"
+    src = "" if source == "digits" else " --src PATH"
+    name = f" --name {data.dataset}" if source == "folder" else ""
+    return f"python tools/make_shards.py {source}{src}{name} --split {data[f'{role}_split']} --out {data.root}"
+
+
 def check_shards(data: DictConfig, roles: tuple[str, ...] = ("train", "bank", "test")) -> None:
     """The manifests of the named splits exist and describe the configured dataset."""
     from pipeline.data.datasets import DATASETS, dataset_info
+    from pipeline.data.loading.shard_index import missing_files
     from pipeline.data.shard_format import read_manifest
 
     info = dataset_info(data.dataset)
@@ -81,8 +93,8 @@ def check_shards(data: DictConfig, roles: tuple[str, ...] = ("train", "bank", "t
         try:
             manifest = read_manifest(url)
         except FileNotFoundError:
-            raise ConfigError(f"data.{role}_split={data[f'{role}_split']}: no manifest {url} (convert the split with "
-                              f"tools/make_shards.py, or set data.root)") from None
+            raise ConfigError(f"data.{role}_split={data[f'{role}_split']}: no manifest {url}; create it with: "
+                              f"{make_shards_command(data, role)} (or set data.root)") from None
         except (OSError, ValueError) as err:
             raise ConfigError(f"data.{role}_split: cannot read {url}: {err}") from None
         except ImportError as err:  # fsspec names the package its protocol needs
@@ -95,6 +107,13 @@ def check_shards(data: DictConfig, roles: tuple[str, ...] = ("train", "bank", "t
         if info.num_classes and len(manifest.classes) not in info.num_classes:
             raise ConfigError(f"data.dataset={data.dataset}: {url} has {len(manifest.classes)} classes, "
                               f"{data.dataset} has {' or '.join(map(str, info.num_classes))}")
+        try:
+            missing = missing_files(url, manifest)
+        except OSError as err:
+            raise ConfigError(f"data.{role}_split: cannot list the shards beside {url}: {err}") from None
+        if missing:
+            raise ConfigError(f"data.{role}_split={data[f'{role}_split']}: {missing}; re-create them with: "
+                              f"{make_shards_command(data, role)}")
         classes[role] = manifest.classes
     labelled = [classes[r] for r in ("bank", "test") if r in classes]
     if len(labelled) == 2 and labelled[0] != labelled[1]:

@@ -115,7 +115,25 @@ def test_shards_with_the_wrong_class_count_are_refused(shards, tmp_path):
 
 def test_missing_shards_say_how_to_make_them(tmp_path):
     report, stderr, _, _ = run_entry("pipeline.train", *SMOKE, f"data.root={tmp_path}/nothing", tmp_path=tmp_path)
-    assert report["code"] == 2 and "data.train_split=train: no manifest" in stderr and "make_shards" in stderr
+    assert report["code"] == 2 and "data.train_split=train: no manifest" in stderr
+    assert f"create it with: python tools/make_shards.py digits --split train --out {tmp_path}/nothing" in stderr
+    report, stderr, _, _ = run_entry("pipeline.train", *SMOKE, "data=folder", "data.dataset=pets",
+                                     f"data.root={tmp_path}/pets", tmp_path=tmp_path)
+    assert (f"python tools/make_shards.py folder --src PATH --name pets --split train --out {tmp_path}/pets"
+            in stderr)
+
+
+def test_a_shard_missing_beside_its_manifest_is_refused_before_the_run_dir_is_claimed(shards, tmp_path):
+    root = tmp_path / "digits"
+    shutil.copytree(shards, root)
+    (root / "digits-train-000001.tar").unlink()
+    run_dir = tmp_path / "run"
+    report, stderr, _, _ = run_entry("pipeline.train", *SMOKE, f"data.root={root}", f"run_dir={run_dir}",
+                                     tmp_path=tmp_path)
+    assert report["code"] == 2 and not report["deepspeed"] and len(stderr.strip().splitlines()) == 1
+    assert "1 shard or index file(s) missing beside the manifest, e.g. digits-train-000001.tar" in stderr
+    assert f"python tools/make_shards.py digits --split train --out {root}" in stderr
+    assert not run_dir.exists()  # not claimed: once the shards are made, the same command starts afresh
 
 
 def test_evaluation_refuses_a_test_split_with_other_classes(shards, tmp_path):

@@ -88,27 +88,48 @@ def _parse_index(text: str, where: str) -> list[dict[str, tuple[int, int, str]]]
     return samples
 
 
+def shard_files(manifest_url: str, manifest: Manifest) -> tuple[fsspec.AbstractFileSystem, str, list[str], list[str],
+                                                                  dict[str, int]]:
+    """(filesystem, folder, shard paths, index paths, sizes of those that exist) of a manifest's split."""
+    fs, manifest_path = fsspec.core.url_to_fs(manifest_url)
+    folder = posixpath.dirname(manifest_path)
+    paths = [posixpath.join(folder, e.name) for e in manifest.shards]
+    index_paths = [posixpath.join(folder, index_name(e.name)) for e in manifest.shards]
+    return fs, folder, paths, index_paths, _sizes(fs, folder, paths + index_paths)
+
+
+def missing_files(manifest_url: str, manifest: Manifest) -> str:
+    """Why the shard and index files the manifest lists are not all there ("" when they are): the check a run makes
+    before it claims its run dir."""
+    _, _, paths, index_paths, sizes = shard_files(manifest_url, manifest)
+    return _missing(manifest_url, paths + index_paths, sizes)
+
+
+def _missing(manifest_url: str, paths: list[str], sizes: dict[str, int]) -> str:
+    missing = [posixpath.basename(p) for p in paths if p not in sizes]
+    if not missing:
+        return ""
+    return (f"{manifest_url}: {len(missing)} shard or index file(s) missing beside the manifest, "
+            f"e.g. {', '.join(missing[:5])}")
+
+
 def open_index(manifest_url: str, strict: bool = False) -> ShardIndex:
     """Reads the manifest and every shard's index; raises ShardError unless the shards are what the manifest says."""
     try:
         manifest = read_manifest(manifest_url)
-        fs, manifest_path = fsspec.core.url_to_fs(manifest_url)
+        if not manifest.complete:
+            raise ShardError(f"{manifest_url}: the conversion did not finish; re-run tools/make_shards.py to "
+                             "complete it")
+        if not manifest.shards:
+            raise ShardError(f"{manifest_url}: lists no shards")
+        fs, folder, paths, index_paths, sizes = shard_files(manifest_url, manifest)
     except FileNotFoundError as err:
         raise ShardError(str(err)) from err
     except (ValueError, ImportError, OSError) as err:
         raise ShardError(f"cannot read the manifest {manifest_url}: {err}") from err
-    if not manifest.complete:
-        raise ShardError(f"{manifest_url}: the conversion did not finish; re-run tools/make_shards.py to complete it")
-    if not manifest.shards:
-        raise ShardError(f"{manifest_url}: lists no shards")
-    folder = posixpath.dirname(manifest_path)
-    paths = [posixpath.join(folder, e.name) for e in manifest.shards]
-    index_paths = [posixpath.join(folder, index_name(e.name)) for e in manifest.shards]
-    sizes = _sizes(fs, folder, paths + index_paths)
-    missing = [posixpath.basename(p) for p in paths + index_paths if p not in sizes]
+    missing = _missing(manifest_url, paths + index_paths, sizes)
     if missing:
-        raise ShardError(f"{manifest_url}: {len(missing)} shard or index file(s) missing beside the manifest, "
-                         f"e.g. {', '.join(missing[:5])}")
+        raise ShardError(missing)
     wrong = [f"{e.name} ({sizes[p]} bytes, manifest says {e.bytes})"
              for e, p in zip(manifest.shards, paths) if sizes[p] != e.bytes]
     if wrong:
