@@ -20,7 +20,7 @@ lint: setup
 setup: .venv/.installed
 
 .venv/.installed: pyproject.toml scripts/setup.sh
-	bash scripts/setup.sh test,demo
+	bash scripts/setup.sh test,demo,http
 	touch $@
 
 slurm:

@@ -63,6 +63,11 @@ class DataConfig:
     # the run stops (exit 4) when more of an epoch's samples than this are unusable (undecodable, unlabelled, ...);
     # those below it are left out of the losses and the probe
     max_bad_fraction: float = in_range(0.0, 1.0, 0.001)
+    # remote shards (http(s)://, s3://, gs://): a local folder where each shard is kept, checked against the
+    # manifest's sha256, after its first read, so that later epochs do not download it again ("" = no cache); and
+    # that folder's bound (the least recently used copies go first; a larger shard is read remotely)
+    cache_dir: str = ""
+    cache_max_gib: float = greater_than(0.0, 100.0)
     loader: LoaderTuning = field(default_factory=LoaderTuning)
 
 

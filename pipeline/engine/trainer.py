@@ -62,7 +62,8 @@ class ReaderWorkerDied(RuntimeError):
 # reports, how fast it runs. They change at most the random draws (as the world size does), never the recipe. Every
 # other key, a new one included, is in the fingerprint; docs/distributed.md (Checkpoints) says which and why.
 FREE_KEYS = ("run_dir", "logger", "checkpoint", "monitor.knn_every_epochs", "monitor.knn_k", "monitor.knn_temperature",
-             "dist", "export_encoder", "data.root", "data.bank_split", "data.test_split", "data.max_bad_fraction",
+             "dist", "export_encoder", "data.root", "data.cache_dir", "data.cache_max_gib", "data.bank_split",
+             "data.test_split", "data.max_bad_fraction",
              "data.loader.device", "data.loader.num_threads", "data.loader.read_workers", "data.loader.prefetch",
              "data.loader.io", "data.loader.channels_last", "data.loader.strict", "data.loader.max_pixels",
              "deepspeed.overlap_comm", "deepspeed.reduce_bucket_size", "device", "compile", "compile_backend",

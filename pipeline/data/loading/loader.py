@@ -34,6 +34,7 @@ from .augmentations import Output, eval_view, random_view, uses_conditionals, vi
 from .batch_source import OK, STATUS_TEXT, BatchSource
 from .loader_config import LoaderConfig, LoaderTuning
 from .sample_order import SampleOrder
+from .shard_cache import CachedReader
 from .shard_index import ShardIndex, open_index
 from .shard_reader import FsspecReader, PosixReader
 
@@ -223,6 +224,9 @@ class ShardLoader:
     def _reader(self):
         if self.io == "posix":
             return PosixReader(self.index.shard_paths)
+        if self.cfg.cache_dir and not self.index.local:
+            return CachedReader(self.index.fs, self.index.shard_paths, self.index.manifest.shards, self.cfg.cache_dir,
+                                int(self.cfg.cache_max_gib * 2**30))
         return FsspecReader(self.index.fs, self.index.shard_paths)
 
     def _start(self) -> _Stream:
@@ -295,5 +299,5 @@ def loader_for(data, role: str, views: dict[str, str], batch_size: int, rank: in
     `device`, which data.loader.device=auto follows."""
     cfg = LoaderConfig(manifest=manifest_url(data.root, data.dataset, data[f"{role}_split"]), views=dict(views),
                        batch_size=batch_size, seed=seed, shuffle=shuffle, image_size=data.image_size,
-                       tuning=LoaderTuning(**data.loader))
+                       cache_dir=data.cache_dir, cache_max_gib=data.cache_max_gib, tuning=LoaderTuning(**data.loader))
     return ShardLoader(cfg, rank, world_size, device)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Optional
 
-from pipeline.config.fields import at_least, in_range, matching, problems
+from pipeline.config.fields import at_least, greater_than, in_range, matching, problems
 from pipeline.data.image_bytes import MAX_PIXELS
 
 
@@ -61,6 +61,8 @@ class LoaderConfig:
     seed: int = at_least(0, 0)  # the sample order of epoch e is a function of (seed, e); augmentations are seeded too
     shuffle: bool = True  # False: manifest order (evaluation passes)
     image_size: int = at_least(0, 0)  # side of every view; 0 = the dataset's training size (pipeline/data/datasets.py)
+    cache_dir: str = ""  # remote shards: a local folder where each is kept after its first read ("" = none)
+    cache_max_gib: float = greater_than(0.0, 100.0)  # the cache folder's bound; least recently used copies go first
     tuning: LoaderTuning = field(default_factory=LoaderTuning)
 
     def validate(self) -> None:

@@ -52,10 +52,13 @@ class ShardIndex:
 
 def _sizes(fs, folder: str, paths: list[str]) -> dict[str, int]:
     """Sizes of the files that exist among `paths`: one listing of the folder, or one query per file where the
-    filesystem cannot list (plain HTTP)."""
+    filesystem cannot list, or lists without sizes (HTTP: a server's folder page, or none)."""
     try:
         listing = {posixpath.basename(e["name"].rstrip("/")): e["size"] for e in fs.ls(folder, detail=True)}
-        return {p: listing[posixpath.basename(p)] for p in paths if posixpath.basename(p) in listing}
+        sizes = {p: listing[posixpath.basename(p)] for p in paths if posixpath.basename(p) in listing}
+        if None in sizes.values():
+            raise ValueError("a listing without sizes")
+        return sizes
     except (NotImplementedError, OSError, ValueError):
         sizes = {}
         for p in paths:

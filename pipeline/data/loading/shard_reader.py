@@ -52,7 +52,16 @@ class PosixReader:
 
 class FsspecReader:
     def __init__(self, fs: fsspec.AbstractFileSystem, paths: list[str]):
-        self.fs, self.paths = fs, paths
+        self._fs, self._pid, self.paths = fs, os.getpid(), paths
+
+    @property
+    def fs(self) -> fsspec.AbstractFileSystem:
+        """The filesystem, made anew in a forked reader worker: an async one (http, s3, gcs) refuses to run its
+        event loop in a child of the process that made it."""
+        if self._pid != os.getpid():
+            self._fs = type(self._fs)(skip_instance_cache=True, **self._fs.storage_options)
+            self._pid = os.getpid()
+        return self._fs
 
     def read(self, shards, starts, ends) -> list[bytes]:
         spans = self.fs.cat_ranges([self.paths[s] for s in shards], [int(s) for s in starts], [int(e) for e in ends])
