@@ -4,8 +4,8 @@ Per micro-batch: the method's views from the loader -> method forward -> its fla
 `dist.check_every_steps` steps, and at checkpoint steps, one small all_reduce makes the ranks agree whether any saw a
 non-finite loss, too many unusable samples or a stop signal: step_checks.py) -> backward -> engine.step (DeepSpeed
 applies the optimizer and the schedule at accumulation boundaries). Per optimizer step: metrics (averaged over ranks)
-every `log_every_steps`, the method's image grids (`visualize`) every `image_every_steps`, a checkpoint every
-`every_steps`. The trainer never names a method: the method says which views it needs and what it draws. Per epoch:
+every `log_every_steps`, the method's image grids (`visualize`) at step 0 and every `image_every_steps`, a checkpoint
+every `every_steps`. The trainer never names a method: the method says which views it needs and what it draws. Per epoch:
 the kNN monitor every `knn_every_epochs`. At the end: a last checkpoint, kNN, and the exported encoder.
 
 Resume: the newest usable checkpoint in run_dir restores weights, optimizer, schedule, RNG, the loader position and
@@ -301,6 +301,8 @@ class Trainer:
             self.window["data"] += time.perf_counter() - tick
             views = {k: batch.views[k].to(self.device, self.dtype, non_blocking=True) for k in self.method.views}
             labels, valid = (t.to(self.device, non_blocking=True) for t in (batch.labels, batch.valid))
+            if self.step == self.micro == 0 and self.cfg.logger.image_every_steps:
+                self._log_images(views)  # step 0: the untrained model's grids (the views as the recipe makes them)
             loss, metrics = engine(views, labels, valid)
             self.checks.record(self.step + 1, loss, batch)
             stop = False
@@ -323,6 +325,12 @@ class Trainer:
                 self.save()
                 return "stopped"
         return "done"
+
+    def _log_images(self, views: dict) -> None:
+        """The method's image grids of this batch (on every rank: a forward pass is a collective under ZeRO 3)."""
+        for name, rows in self.method.visualize(views).items():
+            grid = image_grid(rows, self.loader.mean, self.loader.std)
+            self.logger.log_images(self.step, name, grid, f"rows: {', '.join(rows)}")
 
     def _check_due(self, step: int) -> bool:
         """Whether the ranks agree on their flags before this step's update: every `check_every` steps, at the
@@ -376,9 +384,7 @@ class Trainer:
             self.logger.log(self.step, metrics)
             window.update(data=0.0, steps=0, since=now)
         if cfg.logger.image_every_steps and self.step % cfg.logger.image_every_steps == 0:
-            for name, rows in self.method.visualize(views).items():
-                grid = image_grid(rows, self.loader.mean, self.loader.std)
-                self.logger.log_images(self.step, name, grid, f"rows: {', '.join(rows)}")
+            self._log_images(views)
         every = cfg.checkpoint.every_steps
         if every and self.step % every == 0 and self.step < self.total_steps:
             self.save()

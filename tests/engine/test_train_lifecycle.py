@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from pipeline.engine.checkpoint import Checkpoints
 from pipeline.engine.run_status import read_status
@@ -47,6 +48,18 @@ def signal_after(proc: subprocess.Popen, run_dir: Path, step: int, signum: int) 
     return out
 
 
+def image_steps(run_dir: Path, run_id: str) -> list[list[int]]:
+    """Per attempt (its offline W&B folder, oldest first): the steps of the reconstruction grids it logged, each a
+    grid of the three labelled rows (original, encoder input, reconstruction) of 32-pixel digits."""
+    attempts = []
+    for folder in sorted((run_dir / "wandb").glob(f"offline-run-*-{run_id}")):
+        grids = sorted(folder.glob("files/media/images/reconstructions_*.png"))
+        for grid in grids:
+            assert Image.open(grid).height == 3 * 32
+        attempts.append(sorted(int(p.name.split("_")[1]) for p in grids))
+    return attempts
+
+
 def newest_checkpoint(run_dir: Path) -> tuple[int, dict]:
     folder = sorted(run_dir.glob("checkpoints/step*/COMPLETE.json"))[-1].parent
     return int(folder.name[4:]), safe_load(str(folder / "mp_rank_00_model_states.pt"))
@@ -63,11 +76,14 @@ def test_signals_checkpoint_and_exit_then_resume_the_same_wandb_run(shards, tmp_
     assert first_step == steps_logged(run_dir) >= 3  # the checkpoint is of the step the signal interrupted
     run_id = first["wandb_run_id"]
     assert run_id and list((run_dir / "wandb").glob(f"offline-run-*-{run_id}"))
+    assert image_steps(run_dir, run_id) == [list(range(0, first_step + 1, 2))]  # step 0, then every 2 steps
 
     out = signal_after(train(shards, run_dir, "logger=wandb_offline"), run_dir, first_step + 3, signal.SIGUSR1)
     assert f"resumed from {run_dir / 'checkpoints' / f'step{first_step:09d}'}" in out
     second_step, second = newest_checkpoint(run_dir)
     assert second_step > first_step and second["wandb_run_id"] == run_id
+    resumed = image_steps(run_dir, run_id)[1]
+    assert resumed and min(resumed) > first_step  # a resumed attempt draws no step-0 grid
     assert second["loader"]["position"] == second_step * 32  # global batch 32 per step, one epoch not yet done
     assert len(list(run_dir.glob("checkpoints/step*"))) == 3  # every 2 steps, the smoke preset's last 3 kept
 
