@@ -5,8 +5,8 @@ Per micro-batch: the method's views from the loader -> method forward -> its fla
 non-finite loss, too many unusable samples or a stop signal: step_checks.py) -> backward -> engine.step (DeepSpeed
 applies the optimizer and the schedule at accumulation boundaries). Per optimizer step: metrics (averaged over ranks)
 every `log_every_steps`, the method's image grids (`visualize`) at step 0 and every `image_every_steps`, a checkpoint
-every `every_steps`. The trainer never names a method: the method says which views it needs and what it draws. Per epoch:
-the kNN monitor every `knn_every_epochs`. At the end: a last checkpoint, kNN, and the exported encoder.
+every `every_steps`. The trainer never names a method: the method says which views it needs and what it draws. Per
+epoch: the kNN monitor every `knn_every_epochs`. At the end: a last checkpoint, kNN, and the exported encoder.
 
 Resume: the newest usable checkpoint in run_dir restores weights, optimizer, schedule, RNG, the loader position and
 the W&B run id. Every augmentation is a function of (seed, epoch, sample) (pipeline/data/loading/augmentations.py),

@@ -1,0 +1,35 @@
+"""tools/preview_augmentations.py draws a recipe's views from real shards with the real loader and writes the grid
+W&B shows (one labelled row per view); unreadable shards are one line and exit 2."""
+
+import subprocess
+import sys
+
+import numpy as np
+from PIL import Image
+
+from tests.helpers import REPO
+from tests.helpers.torchrun import environment
+
+
+def preview(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "tools/preview_augmentations.py", *args], cwd=REPO, env=environment(),
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_the_aag_recipe_previews_its_three_views_as_labelled_rows(shards, tmp_path):
+    out = tmp_path / "aag.png"
+    done = preview(f"{shards}/digits-train.manifest.json", "--recipe", "aag", "--n", "6", "--out", str(out))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "u (crop_jitter), v (crop_jitter), w (randaugment)" in done.stdout
+    grid = np.asarray(Image.open(out).convert("RGB"))
+    margin = grid.shape[1] - 6 * 32
+    assert grid.shape[0] == 3 * 32 and 0 < margin < 32  # three rows of six 32-pixel digits behind the labels
+    rows = [grid[32 * i : 32 * (i + 1), margin:] for i in range(3)]
+    assert not np.array_equal(rows[0], rows[1]) and not np.array_equal(rows[1], rows[2])  # independent draws
+    assert (grid[:, :margin] < 128).any()  # the row labels are written in the margin
+
+
+def test_missing_shards_are_one_line_and_exit_2(tmp_path):
+    done = preview(str(tmp_path / "none-train.manifest.json"), "--recipe", "simclr")
+    assert done.returncode == 2 and done.stderr.strip().count("\n") == 0
+    assert "manifest not found" in done.stderr
