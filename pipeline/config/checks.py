@@ -59,6 +59,25 @@ def data_roles(cfg: DictConfig) -> tuple[str, ...]:
     return ("train", "bank", "test") if cfg.monitor.knn_every_epochs > 0 else ("train",)
 
 
+def monitors_with_labels(cfg: DictConfig) -> tuple[int, int, str]:
+    """The online probe's class count and the kNN monitor's period, each 0 (off) where its splits carry no labels (a
+    flat image folder, STL-10's unlabeled split), and the one line that says so ("" when nothing is off)."""
+    from pipeline.data.shard_format import read_manifest
+
+    urls, off = split_manifests(cfg.data), []
+    classes = len(read_manifest(urls["train"]).classes)
+    if cfg.monitor.online_probe and not classes:
+        off.append(f"online probe off: the training split {cfg.data.train_split} has no labels")
+    knn_every = cfg.monitor.knn_every_epochs
+    if knn_every > 0:
+        bare = [f"the {role} split {cfg.data[f'{role}_split']}" for role in ("bank", "test")
+                if not read_manifest(urls[role]).classes]
+        if bare:
+            knn_every = 0
+            off.append(f"kNN monitor off: {' and '.join(bare)} {'have' if len(bare) > 1 else 'has'} no labels")
+    return (classes if cfg.monitor.online_probe else 0), knn_every, "; ".join(off)
+
+
 def split_manifests(data: DictConfig, roles: tuple[str, ...] = ("train", "bank", "test")) -> dict[str, str]:
     """{role: manifest URL} of the splits data.<role>_split names."""
     from pipeline.data.shard_format import manifest_url

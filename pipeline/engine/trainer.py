@@ -33,7 +33,15 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline import exit_codes
-from pipeline.config.checks import ConfigError, check_launch, check_shards, check_values, data_roles, split_manifests
+from pipeline.config.checks import (
+    ConfigError,
+    check_launch,
+    check_shards,
+    check_values,
+    data_roles,
+    monitors_with_labels,
+    split_manifests,
+)
 from pipeline.data.loading.loader import EVAL_VIEWS, BadSampleError, loader_for
 from pipeline.data.shard_format import read_manifest
 from pipeline.distributed import all_reduce_sum, resolve
@@ -109,7 +117,7 @@ class Trainer:
 
         self.loader = loader_for(cfg.data, "train", METHODS[cfg.method.name].views, self.geometry.micro_batch,
                                  self.rank, self.world, seed=cfg.seed, shuffle=True, device=self.device)
-        self.num_classes, self.knn_every, self.unlabelled = self._monitors_with_labels()
+        self.num_classes, self.knn_every, self.unlabelled = monitors_with_labels(cfg)
         micro_per_epoch = self.loader.steps_per_epoch
         self.total_steps = cfg.max_steps or max(1, math.floor(cfg.epochs * micro_per_epoch / self.ga))
         warmup = min(self.total_steps, round(cfg.schedule.warmup_epochs * micro_per_epoch / self.ga))
@@ -141,22 +149,6 @@ class Trainer:
         self.logger.message(self._banner())
         if self.unlabelled:
             self.logger.message(self.unlabelled)
-
-    def _monitors_with_labels(self) -> tuple[int, int, str]:
-        """The online probe's class count and the kNN monitor's period, each 0 (off) where its splits carry no labels
-        (a flat image folder, STL-10's unlabeled split), with the one line that says so ("" when nothing is off)."""
-        cfg, off = self.cfg, []
-        classes = len(self.loader.index.manifest.classes)
-        if cfg.monitor.online_probe and not classes:
-            off.append(f"online probe off: the training split {cfg.data.train_split} has no labels")
-        knn_every = cfg.monitor.knn_every_epochs
-        if knn_every > 0:
-            bare = [f"the {role} split {cfg.data[f'{role}_split']}" for role, url in
-                    split_manifests(cfg.data, ("bank", "test")).items() if not read_manifest(url).classes]
-            if bare:
-                knn_every = 0
-                off.append(f"kNN monitor off: {' and '.join(bare)} {'have' if len(bare) > 1 else 'has'} no labels")
-        return (classes if cfg.monitor.online_probe else 0), knn_every, "; ".join(off)
 
     def _banner(self) -> str:
         """What this run is, printed once on rank 0 before the first step, for whoever reads its log."""
