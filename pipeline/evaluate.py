@@ -14,7 +14,9 @@ split: data.test_split; both read in order with the centre-crop transform (the l
 augmented as linear.augment says: configs/protocol holds the papers' protocols, docs/methods.md). Results are printed
 and written as JSON to `output` (default: RUN_DIR/eval_<dataset>_step<step>.json, or eval_<dataset>.json beside an
 encoder of no run), and to the run's W&B run (its id, mode and project from the run dir) as summary values
-`eval/<protocol>/top1`, `.../top5`.
+`eval/<protocol>/top1`, `.../top5`. Beside the JSON, `<its name>_tsne.png`: a t-SNE map of the test features coloured
+by class (also `eval/tsne` in the W&B summary; `tsne=false` skips it, and without scikit-learn it is skipped with a
+line saying how to install it).
 """
 
 from __future__ import annotations
@@ -72,9 +74,9 @@ def take_run_data(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> None:
             cfg.data[key] = run_data[key]
 
 
-def wandb_summary(run_dir: Path, results: dict) -> str | None:
+def wandb_summary(run_dir: Path, results: dict, images: dict[str, Path]) -> str | None:
     """The results as summary values of the run's own W&B run (id from run_dir/wandb/latest-run), in the mode and
-    project the run used; returns the run id, or None when the run had no W&B."""
+    project the run used, with `images` (eval/<name>: a PNG); returns the run id, or None when the run had no W&B."""
     run_cfg = OmegaConf.load(run_dir / "config.yaml").logger
     latest = run_dir / "wandb" / "latest-run"
     if run_cfg.wandb_mode == "disabled" or not latest.exists():
@@ -85,14 +87,16 @@ def wandb_summary(run_dir: Path, results: dict) -> str | None:
                      resume="allow", dir=str(run_dir), mode=run_cfg.wandb_mode,
                      settings=wandb.Settings(console="off", silent=True, disable_git=True, save_code=False))
     run.summary.update({f"eval/{name}/{k}": results[name][k] for name in PROTOCOLS if name in results
-                        for k in ("top1", "top5")} | {"eval/step": results["step"], "eval/dataset": results["dataset"]})
+                        for k in ("top1", "top5")} | {"eval/step": results["step"], "eval/dataset": results["dataset"]}
+                       | {f"eval/{name}": wandb.Image(str(png)) for name, png in images.items()})
     run.finish()
     return run.id
 
 
-def evaluate(cfg: DictConfig, encoder: torch.nn.Module | None = None) -> dict:
+def evaluate(cfg: DictConfig, encoder: torch.nn.Module | None = None, plots: dict | None = None) -> dict:
     """kNN and linear probe of the encoder file `cfg.encoder`, or of `encoder` (any module with `.out_dim`, e.g.
-    flattened raw pixels as a baseline; `cfg.encoder` then only names it in the results)."""
+    flattened raw pixels as a baseline; `cfg.encoder` then only names it in the results). With `plots` (a dict) and
+    cfg.tsne, the t-SNE map of the test features goes into plots["tsne"] (a PIL image)."""
     from pipeline.data.loading.loader import EVAL_VIEWS, loader_for
     from pipeline.device import pick
     from pipeline.engine.export import load_encoder, read_metadata
@@ -117,9 +121,10 @@ def evaluate(cfg: DictConfig, encoder: torch.nn.Module | None = None) -> dict:
                             device=device)
         out = labelled(*features(encoder, loader, device, transform=transform))
         loader.close()
-        return out, len(loader.index.manifest.classes)
+        return out, loader.index.manifest.classes
 
-    (train, num_classes), (test, _) = split("bank"), split("test")
+    (train, classes), (test, _) = split("bank"), split("test")
+    num_classes = len(classes)
     step = read_metadata(path).get("step") if path else None
     results = {"encoder": str(path or cfg.encoder), "step": None if step is None else int(step),
                "dataset": cfg.data.dataset,
@@ -145,6 +150,14 @@ def evaluate(cfg: DictConfig, encoder: torch.nn.Module | None = None) -> dict:
         results["linear"] = linear_probe(batches, test, num_classes, encoder.out_dim, lin, stats, cfg.seed)
     results["protocol"] = {"name": cfg.protocol, "linear": OmegaConf.to_container(cfg.linear, resolve=True),
                            "knn_k": cfg.knn_k, "knn_temperature": cfg.knn_temperature}
+    if plots is not None and cfg.tsne:
+        from pipeline.evaluation.tsne_plot import embed, scatter
+
+        xy, labels = embed(*test, cfg.tsne_points, cfg.seed)
+        name = Path(results["encoder"]).parent.name if path else results["encoder"]
+        plots["tsne"] = scatter(xy, labels, classes, f"t-SNE of {len(labels)} {cfg.data.dataset} "
+                                f"{cfg.data.test_split} features, step {results['step']} ({name})")
+        results["tsne_points"] = len(labels)
     return results
 
 
@@ -182,20 +195,34 @@ def _app(cfg: DictConfig) -> None:
     except (FileNotFoundError, ConfigError) as err:
         print(f"pipeline.evaluate: {redact(str(err))}", file=sys.stderr)
         exit_with(BAD_CONFIG)
+    from pipeline.evaluation.tsne_plot import SklearnMissing, require_sklearn
+
+    plots: dict | None = {}
+    if cfg.tsne:
+        try:
+            require_sklearn()
+        except SklearnMissing as err:
+            print(f"pipeline.evaluate: no t-SNE plot: {err}", file=sys.stderr)
+            plots = None
     try:
-        results = evaluate(cfg)
+        results = evaluate(cfg, plots=plots)
     except DeviceError as err:
         print(f"pipeline.evaluate: {err}", file=sys.stderr)
         exit_with(BAD_CONFIG)
     out = write_results(cfg, results, run_dir)
-    wandb_id = None if run_dir is None else wandb_summary(run_dir, results)
+    images = {}
+    for name, image in (plots or {}).items():
+        images[name] = out.with_name(f"{out.stem}_{name}.png")
+        image.save(images[name])
+    wandb_id = None if run_dir is None else wandb_summary(run_dir, results, images)
     print(f"{'protocol':<12}{'top-1':>8}{'top-5':>8}   ({results['encoder']}, {cfg.data.dataset}: "
           f"{results['train_samples']} train / {results['test_samples']} test)")
     labels = {"knn": f"knn k={cfg.knn_k}", "linear": "linear"}  # k decides the figure: say which
     for name in PROTOCOLS:
         if name in results:
             print(f"{labels[name]:<12}{100 * results[name]['top1']:>8.2f}{100 * results[name]['top5']:>8.2f}")
-    print(f"written to {out}" + (f" and to W&B run {wandb_id} (summary)" if wandb_id else ""))
+    written = ", ".join(map(str, [out, *images.values()]))
+    print(f"written to {written}" + (f" and to W&B run {wandb_id} (summary)" if wandb_id else ""))
 
 
 def main() -> None:

@@ -276,6 +276,10 @@ class EvalConfig:
     protocol: str = "default"  # the name of the protocol preset (configs/protocol) whose settings these are
     device: Device = Device.auto  # where features are computed (AUGSSL_DEVICE overrides)
     seed: int = at_least(0, 0)
+    # a t-SNE map of the test split's features coloured by class: a PNG beside the results and in the run's W&B
+    # summary (scikit-learn, from the demo or test extras); at most tsne_points features, a seeded sample
+    tsne: bool = True
+    tsne_points: int = at_least(10, 2000)
 
 
 def register() -> None:

@@ -7,12 +7,15 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
+from PIL import Image
 
 from pipeline.engine.export import load_encoder, read_metadata, save_encoder
 from pipeline.evaluate import find_encoder
+from pipeline.evaluation.tsne_plot import PALETTE
 from pipeline.models.resnet import ResNet
 from tests.helpers import REPO
 
@@ -61,7 +64,7 @@ def test_evaluate_prints_and_writes_top1_and_top5(shards, exported, tmp_path):
                settings=wandb.Settings(console="off", silent=True, disable_git=True, save_code=False)).finish()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "pipeline.evaluate", f"encoder={run_dir}",
-                           "data.test_split=train", "linear.epochs=10", "data.loader.device=cpu"],
+                           "data.test_split=train", "linear.epochs=10", "data.loader.device=cpu", "tsne_points=150"],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "| deepspeed" not in proc.stderr  # -X importtime lists every module imported: DeepSpeed is not one
@@ -79,6 +82,12 @@ def test_evaluate_prints_and_writes_top1_and_top5(shards, exported, tmp_path):
     # the W&B run's offline records (protobuf) hold the summary keys with their JSON values
     records = b"".join(p.read_bytes() for p in run_dir.glob("wandb/offline-run-*-evalrun1/run-evalrun1.wandb"))
     assert b"eval/knn/top1" in records and json.dumps(results["knn"]["top1"]).encode() in records
+    # the t-SNE map: 150 test points, one colour per digit class, beside the JSON and in the W&B summary
+    plot = run_dir / "eval_digits_step7_tsne.png"
+    assert results["tsne_points"] == 150 and f"written to {run_dir / 'eval_digits_step7.json'}, {plot}" in proc.stdout
+    pixels = {tuple(p) for p in np.asarray(Image.open(plot).convert("RGB")).reshape(-1, 3)}
+    assert {tuple(int(c[i : i + 2], 16) for i in (1, 3, 5)) for c in PALETTE[:10]} <= pixels
+    assert list(run_dir.glob("wandb/offline-run-*-evalrun1/files/media/images/eval/tsne_summary_*.png"))
 
 
 @pytest.mark.slow
