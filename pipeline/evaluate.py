@@ -189,7 +189,7 @@ def _app(cfg: DictConfig) -> None:
             take_run_data(cfg, run_dir, list(HydraConfig.get().overrides.task))
             print(f"run dir {run_dir}: data {cfg.data.dataset} at {cfg.data.root} (image size {cfg.data.image_size}, "
                   f"stem {cfg.data.stem})")
-        check_shards(cfg.data, ("bank", "test"))
+        check_shards(cfg.data, ("bank", "test"), need_labels=("bank", "test"))
         if missing is not None:
             raise missing
     except (FileNotFoundError, ConfigError) as err:

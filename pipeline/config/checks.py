@@ -95,8 +95,10 @@ def make_shards_command(data: DictConfig, role: str) -> str:
     return f"python tools/make_shards.py {source}{src}{name} --split {data[f'{role}_split']} --out {data.root}"
 
 
-def check_shards(data: DictConfig, roles: tuple[str, ...] = ("train", "bank", "test")) -> None:
-    """The manifests of the named splits exist and describe the configured dataset."""
+def check_shards(data: DictConfig, roles: tuple[str, ...] = ("train", "bank", "test"),
+                 need_labels: tuple[str, ...] = ()) -> None:
+    """The manifests of the named splits exist and describe the configured dataset; those of `need_labels` have
+    classes (evaluation scores against labels; training switches its monitors off instead)."""
     from pipeline.data.datasets import DATASETS, dataset_info
     from pipeline.data.loading.shard_index import missing_files
     from pipeline.data.shard_format import read_manifest
@@ -133,6 +135,10 @@ def check_shards(data: DictConfig, roles: tuple[str, ...] = ("train", "bank", "t
         if missing:
             raise ConfigError(f"data.{role}_split={data[f'{role}_split']}: {missing}; re-create them with: "
                               f"{make_shards_command(data, role)}")
+        if role in need_labels and not manifest.classes:
+            raise ConfigError(f"data.{role}_split={data[f'{role}_split']}: the shards at {url} have no labels (an "
+                              "unlabelled image folder?); evaluate on labelled splits: data.bank_split=... "
+                              "data.test_split=..., or data=... data.root=... for another dataset")
         classes[role] = manifest.classes
     labelled = [classes[r] for r in ("bank", "test") if r in classes]
     if len(labelled) == 2 and labelled[0] != labelled[1]:

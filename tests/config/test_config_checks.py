@@ -4,6 +4,7 @@ it. Shards that are not the configured dataset are refused the same way."""
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -12,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.config.checks import ConfigError, check_shards
+from pipeline.config.compose import load
 from tests.helpers import REPO
 
 SMOKE = ["experiment=smoke", "method=aag", "logger=none", "monitor.knn_every_epochs=0"]
@@ -117,10 +120,10 @@ def test_missing_shards_say_how_to_make_them(tmp_path):
     report, stderr, _, _ = run_entry("pipeline.train", *SMOKE, f"data.root={tmp_path}/nothing", tmp_path=tmp_path)
     assert report["code"] == 2 and "data.train_split=train: no manifest" in stderr
     assert f"create it with: python tools/make_shards.py digits --split train --out {tmp_path}/nothing" in stderr
-    report, stderr, _, _ = run_entry("pipeline.train", *SMOKE, "data=folder", "data.dataset=pets",
-                                     f"data.root={tmp_path}/pets", tmp_path=tmp_path)
-    assert (f"python tools/make_shards.py folder --src PATH --name pets --split train --out {tmp_path}/pets"
-            in stderr)
+    pets = load("train", [*SMOKE, "data=folder", "data.dataset=pets", f"data.root={tmp_path}/pets"])
+    with pytest.raises(ConfigError, match=re.escape(
+            f"python tools/make_shards.py folder --src PATH --name pets --split train --out {tmp_path}/pets")):
+        check_shards(pets.data, ("train",))
 
 
 def test_a_shard_missing_beside_its_manifest_is_refused_before_the_run_dir_is_claimed(shards, tmp_path):
@@ -136,7 +139,7 @@ def test_a_shard_missing_beside_its_manifest_is_refused_before_the_run_dir_is_cl
     assert not run_dir.exists()  # not claimed: once the shards are made, the same command starts afresh
 
 
-def test_evaluation_refuses_a_test_split_with_other_classes(shards, tmp_path):
+def test_evaluation_refuses_a_test_split_with_other_classes_or_none(shards, tmp_path):
     def fewer_classes(manifest):
         if manifest["split"] == "test":
             manifest["classes"] = manifest["classes"][:5]
@@ -149,3 +152,13 @@ def test_evaluation_refuses_a_test_split_with_other_classes(shards, tmp_path):
     report, stderr, _, _ = run_entry("pipeline.evaluate", "data=folder", "data.dataset=pets", "data.test_split=test",
                                      f"data.root={root}", f"encoder={tmp_path}/none", tmp_path=tmp_path)
     assert report["code"] == 2 and "have different classes (10 vs 5)" in stderr
+
+    def unlabelled(manifest):  # a flat image folder's shards, as the ones a run pretrained on
+        manifest.update(dataset="photos", classes=[])
+
+    root = _renamed_shards(shards, tmp_path / "photos", "photos", unlabelled)
+    photos = load("evaluate", ["data=folder", "data.dataset=photos", "data.test_split=test", f"data.root={root}",
+                               f"encoder={tmp_path}/none"])
+    check_shards(photos.data, ("bank", "test"))  # training on them is fine: its monitors switch off
+    with pytest.raises(ConfigError, match="data.bank_split=train: the shards at .* have no labels"):
+        check_shards(photos.data, ("bank", "test"), need_labels=("bank", "test"))  # as evaluate checks them
