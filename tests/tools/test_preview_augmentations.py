@@ -1,27 +1,18 @@
-"""tools/preview_augmentations.py draws a recipe's views from real shards with the real loader and writes the grid
-W&B shows (one labelled row per view); unreadable shards are one line and exit 2."""
-
-import subprocess
-import sys
+"""tools/preview_augmentations.py (its main, as the command line calls it) draws a recipe's views from real shards
+with the real loader and writes the grid W&B shows (one labelled row per view); unreadable shards are one line and
+exit 2."""
 
 import numpy as np
 from PIL import Image
 
-from tests.helpers import REPO
-from tests.helpers.torchrun import environment
 from tools import preview_augmentations
 
 
-def preview(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "tools/preview_augmentations.py", *args], cwd=REPO, env=environment(),
-                          capture_output=True, text=True, timeout=120)
-
-
-def test_the_aag_recipe_previews_its_three_views_as_labelled_rows(shards, tmp_path):
+def test_the_aag_recipe_previews_its_three_views_as_labelled_rows(shards, tmp_path, capsys):
     out = tmp_path / "aag.png"
-    done = preview(f"{shards}/digits-train.manifest.json", "--recipe", "aag", "--n", "6", "--out", str(out))
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "u (crop_jitter), v (crop_jitter), w (randaugment)" in done.stdout
+    args = [f"{shards}/digits-train.manifest.json", "--recipe", "aag", "--n", "6", "--out", str(out)]
+    assert preview_augmentations.main(args) == 0
+    assert "u (crop_jitter), v (crop_jitter), w (randaugment)" in capsys.readouterr().out
     grid = np.asarray(Image.open(out).convert("RGB"))
     margin = grid.shape[1] - 6 * 32
     assert grid.shape[0] == 3 * 32 and 0 < margin < 32  # three rows of six 32-pixel digits behind the labels
