@@ -91,7 +91,7 @@ def state_bytes(trainer) -> int:
     return total
 
 
-def worker(args, stage: int) -> None:
+def worker(args, stage: int, run_dir: str) -> None:
     import torch
     import torch.distributed as dist
 
@@ -102,7 +102,6 @@ def worker(args, stage: int) -> None:
     prepare_deepspeed(pick(args.device, resolve().local_rank))  # before DeepSpeed's import picks its accelerator
     from pipeline.engine.trainer import Trainer
 
-    run_dir = tempfile.mkdtemp(prefix=f"bench_zero{stage}_")
     trainer = Trainer(load("train", overrides(args, stage, run_dir)))
     engine, views_needed = trainer.engine, trainer.method.views
     batches = iter(trainer.loader)
@@ -168,9 +167,10 @@ def run(argv: list[str] | None = None) -> list[dict]:
            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     results = []
     for stage in args.stages:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(args.ranks),
-               __file__, "--worker-stage", str(stage)]
-        proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True)
+        with tempfile.TemporaryDirectory(prefix=f"bench_zero{stage}_") as run_dir:  # the ranks' shared run dir
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(args.ranks),
+                   __file__, "--worker-stage", str(stage), run_dir]
+            proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True)
         lines = [line for line in proc.stdout.splitlines() if line.startswith("BENCH ")]
         if proc.returncode or not lines:
             raise RuntimeError(f"ZeRO {stage} failed (exit {proc.returncode}):\n"
@@ -193,7 +193,7 @@ def run(argv: list[str] | None = None) -> list[dict]:
 
 def main() -> int:
     if sys.argv[1:2] == ["--worker-stage"]:
-        worker(argparse.Namespace(**json.loads(os.environ[WORKER_ARGS])), int(sys.argv[2]))
+        worker(argparse.Namespace(**json.loads(os.environ[WORKER_ARGS])), int(sys.argv[2]), sys.argv[3])
         return 0
     try:
         run()

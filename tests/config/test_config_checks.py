@@ -3,12 +3,10 @@ the value and what is allowed, the exit code in $AUGSSL_EXIT_FILE, and no proces
 it. Shards that are not the configured dataset are refused the same way."""
 
 import json
-import os
 import re
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -19,34 +17,52 @@ from tests.helpers import REPO
 
 SMOKE = ["experiment=smoke", "method=aag", "logger=none", "monitor.knn_every_epochs=0"]
 
-# Runs an entry point as `python -m` would, then reports what it had imported and started by the time it exited.
+# Runs entry points as `python -m` would, one case after another in this one process (torch's import is paid once,
+# not per case), and reports for each what it printed, returned and had imported and started by the time it exited.
 PROBE = """
-import runpy, sys, json
-sys.argv = [sys.argv[1], *sys.argv[2:]]
-try:
-    runpy.run_module(sys.argv[0], run_name="__main__", alter_sys=True)
-    code = 0
-except SystemExit as exit:
-    code = exit.code
+import contextlib, io, json, os, runpy, sys, time
 import torch.distributed as dist
-print(json.dumps({"code": code, "deepspeed": "deepspeed" in sys.modules,
-                  "process_group": dist.is_available() and dist.is_initialized()}))
+for case in json.loads(sys.argv[1]):
+    saved_env = dict(os.environ)
+    os.environ.update(case["env"])
+    exit_file = os.environ["AUGSSL_EXIT_FILE"]
+    if os.path.exists(exit_file):
+        os.remove(exit_file)
+    sys.argv = [case["module"], *case["args"]]
+    stderr = io.StringIO()
+    started = time.monotonic()
+    try:
+        with contextlib.redirect_stderr(stderr):
+            runpy.run_module(case["module"], run_name="__main__", alter_sys=True)
+        code = 0
+    except SystemExit as exit:
+        code = exit.code
+    seconds = time.monotonic() - started
+    os.environ.clear()
+    os.environ.update(saved_env)
+    print(json.dumps({"name": case["name"], "code": code, "deepspeed": "deepspeed" in sys.modules,
+                      "process_group": dist.is_available() and dist.is_initialized(), "stderr": stderr.getvalue(),
+                      "seconds": seconds, "exit_file": open(exit_file).read().strip() if os.path.exists(exit_file)
+                      else ""}), flush=True)
 """
 
 
-def run_entry(module: str, *overrides: str, tmp_path: Path, env: dict | None = None) -> tuple[dict, str, float, str]:
+def run_entries(cases: list[dict], tmp_path: Path) -> dict[str, dict]:
+    """`cases`: dicts of name, module, args and env (additions); the reports by case name."""
     exit_file = tmp_path / "exit-code"
-    exit_file.unlink(missing_ok=True)
-    environ = {**os.environ, "AUGSSL_EXIT_FILE": str(exit_file), **(env or {})}
-    started = time.monotonic()
-    proc = subprocess.run([sys.executable, "-c", PROBE, module, *overrides], cwd=REPO, env=environ, text=True,
-                          capture_output=True, timeout=120)
-    seconds = time.monotonic() - started
-    report = json.loads(proc.stdout.strip().splitlines()[-1])
-    return report, proc.stderr, seconds, exit_file.read_text().strip() if exit_file.exists() else ""
+    cases = [{**case, "env": {"AUGSSL_EXIT_FILE": str(exit_file), **case.get("env", {})}} for case in cases]
+    proc = subprocess.run([sys.executable, "-c", PROBE, json.dumps(cases)], cwd=REPO, text=True,
+                          capture_output=True, timeout=60 + 15 * len(cases))
+    reports = {}
+    for line in proc.stdout.splitlines():
+        if line.startswith("{"):
+            report = json.loads(line)
+            reports[report.pop("name")] = report
+    assert len(reports) == len(cases), proc.stdout[-2000:] + proc.stderr[-3000:]
+    return reports
 
 
-@pytest.mark.parametrize("override, says", [
+BAD_VALUES = [
     ("optimizer.name=lamb", "'optimizer.name'"),
     ("deepspeed.precision=fp8", "'deepspeed.precision'"),
     ("deepspeed.zero_stage=7", "deepspeed.zero_stage=7: must be between 0 and 3"),
@@ -60,29 +76,7 @@ def run_entry(module: str, *overrides: str, tmp_path: Path, env: dict | None = N
     ("data.loader.device=tpu", "data.loader.device=tpu: must be auto, cpu, cuda or cuda:N"),
     ("data.dataset=../x", "data.dataset=../x: must be letters, digits, '_' and '-' only"),
     ("data.max_bad_fraction=2", "data.max_bad_fraction=2.0: must be between 0.0 and 1.0"),
-])
-def test_each_bad_value_exits_2_at_once_naming_the_key(shards, tmp_path, override, says):
-    report, stderr, seconds, exit_code = run_entry("pipeline.train", *SMOKE, f"data.root={shards}",
-                                                   f"run_dir={tmp_path}/run", override, tmp_path=tmp_path)
-    assert report == {"code": 2, "deepspeed": False, "process_group": False}, stderr
-    lines = [line for line in stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("pipeline.train: ") and says in lines[0], stderr
-    assert seconds < 15 and exit_code == "2"
-    assert not (tmp_path / "run").exists()
-
-
-def test_invalid_enum_values_list_the_allowed_ones(shards, tmp_path):
-    _, stderr, _, _ = run_entry("pipeline.train", *SMOKE, f"data.root={shards}", "optimizer.name=lamb",
-                                tmp_path=tmp_path)
-    assert "lamb" in stderr and "adam, adamw, sgd, lars" in stderr
-
-
-def test_a_batch_that_does_not_split_over_the_ranks_exits_2(shards, tmp_path):
-    launch = {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29999"}
-    report, stderr, _, exit_code = run_entry("pipeline.train", *SMOKE, f"data.root={shards}", "data.batch_size=33",
-                                             tmp_path=tmp_path, env=launch)
-    assert report["code"] == 2 and not report["process_group"] and exit_code == "2"
-    assert "data.batch_size=33: must be a multiple of world size 2 x deepspeed.grad_accum_steps 1" in stderr
+]
 
 
 def _renamed_shards(shards: str, folder: Path, dataset: str, edit=None) -> Path:
@@ -100,46 +94,14 @@ def _renamed_shards(shards: str, folder: Path, dataset: str, edit=None) -> Path:
     return folder
 
 
-def test_shards_of_another_dataset_are_refused(shards, tmp_path):
-    root = _renamed_shards(shards, tmp_path / "c100", "cifar100")
-    report, stderr, _, _ = run_entry("pipeline.train", *SMOKE, "data=cifar100", f"data.root={root}",
-                                     tmp_path=tmp_path)
-    assert report["code"] == 2 and not report["deepspeed"]
-    assert "data.dataset=cifar100: the shards at" in stderr and "are of dataset 'digits'" in stderr
+@pytest.fixture(scope="module")
+def reports(shards, tmp_path_factory) -> dict[str, dict]:
+    """Every case of this file, through the real entry points, in one process."""
+    tmp = tmp_path_factory.mktemp("config-checks")
+    train = [*SMOKE, f"data.root={shards}"]
+    cases = [{"name": override, "module": "pipeline.train", "args": [*train, f"run_dir={tmp}/run", override]}
+             for override, _ in BAD_VALUES]
 
-
-def test_shards_with_the_wrong_class_count_are_refused(shards, tmp_path):
-    root = _renamed_shards(shards, tmp_path / "c100", "cifar100", lambda m: m.update(dataset="cifar100"))
-    report, stderr, _, _ = run_entry("pipeline.train", *SMOKE, "data=cifar100", f"data.root={root}",
-                                     tmp_path=tmp_path)
-    assert report["code"] == 2
-    assert "has 10 classes, cifar100 has 100 or 20" in stderr
-
-
-def test_missing_shards_say_how_to_make_them(tmp_path):
-    report, stderr, _, _ = run_entry("pipeline.train", *SMOKE, f"data.root={tmp_path}/nothing", tmp_path=tmp_path)
-    assert report["code"] == 2 and "data.train_split=train: no manifest" in stderr
-    assert f"create it with: python tools/make_shards.py digits --split train --out {tmp_path}/nothing" in stderr
-    pets = load("train", [*SMOKE, "data=folder", "data.dataset=pets", f"data.root={tmp_path}/pets"])
-    with pytest.raises(ConfigError, match=re.escape(
-            f"python tools/make_shards.py folder --src PATH --name pets --split train --out {tmp_path}/pets")):
-        check_shards(pets.data, ("train",))
-
-
-def test_a_shard_missing_beside_its_manifest_is_refused_before_the_run_dir_is_claimed(shards, tmp_path):
-    root = tmp_path / "digits"
-    shutil.copytree(shards, root)
-    (root / "digits-train-000001.tar").unlink()
-    run_dir = tmp_path / "run"
-    report, stderr, _, _ = run_entry("pipeline.train", *SMOKE, f"data.root={root}", f"run_dir={run_dir}",
-                                     tmp_path=tmp_path)
-    assert report["code"] == 2 and not report["deepspeed"] and len(stderr.strip().splitlines()) == 1
-    assert "1 shard or index file(s) missing beside the manifest, e.g. digits-train-000001.tar" in stderr
-    assert f"python tools/make_shards.py digits --split train --out {root}" in stderr
-    assert not run_dir.exists()  # not claimed: once the shards are made, the same command starts afresh
-
-
-def test_evaluation_refuses_a_test_split_with_other_classes_or_none(shards, tmp_path):
     def fewer_classes(manifest):
         if manifest["split"] == "test":
             manifest["classes"] = manifest["classes"][:5]
@@ -148,10 +110,84 @@ def test_evaluation_refuses_a_test_split_with_other_classes_or_none(shards, tmp_
         manifest["dataset"] = "pets"
         fewer_classes(manifest)
 
-    root = _renamed_shards(shards, tmp_path / "d", "pets", as_pets)
-    report, stderr, _, _ = run_entry("pipeline.evaluate", "data=folder", "data.dataset=pets", "data.test_split=test",
-                                     f"data.root={root}", f"encoder={tmp_path}/none", tmp_path=tmp_path)
-    assert report["code"] == 2 and "have different classes (10 vs 5)" in stderr
+    c100 = _renamed_shards(shards, tmp / "c100", "cifar100")
+    c100_classes = _renamed_shards(shards, tmp / "c100-classes", "cifar100", lambda m: m.update(dataset="cifar100"))
+    pets = _renamed_shards(shards, tmp / "pets", "pets", as_pets)
+    one_shard_gone = tmp / "one-shard-gone"
+    shutil.copytree(shards, one_shard_gone)
+    (one_shard_gone / "digits-train-000001.tar").unlink()
+    launch = {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29999"}
+    cases += [
+        {"name": "uneven batch", "module": "pipeline.train", "args": [*train, "data.batch_size=33"], "env": launch},
+        {"name": "other dataset", "module": "pipeline.train", "args": [*SMOKE, "data=cifar100", f"data.root={c100}"]},
+        {"name": "class count", "module": "pipeline.train",
+         "args": [*SMOKE, "data=cifar100", f"data.root={c100_classes}"]},
+        {"name": "missing shards", "module": "pipeline.train", "args": [*SMOKE, f"data.root={tmp}/nothing"]},
+        {"name": "shard gone", "module": "pipeline.train",
+         "args": [*SMOKE, f"data.root={one_shard_gone}", f"run_dir={tmp}/claimed"]},
+        {"name": "evaluate classes", "module": "pipeline.evaluate",
+         "args": ["data=folder", "data.dataset=pets", "data.test_split=test", f"data.root={pets}",
+                  f"encoder={tmp}/none"]},
+    ]
+    return {"tmp": tmp, **run_entries(cases, tmp)}
+
+
+@pytest.mark.parametrize("override, says", BAD_VALUES)
+def test_each_bad_value_exits_2_at_once_naming_the_key(reports, override, says):
+    report = reports[override]
+    stderr = report["stderr"]
+    assert (report["code"], report["deepspeed"], report["process_group"]) == (2, False, False), stderr
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("pipeline.train: ") and says in lines[0], stderr
+    assert report["seconds"] < 15 and report["exit_file"] == "2"
+    assert not (reports["tmp"] / "run").exists()
+
+
+def test_invalid_enum_values_list_the_allowed_ones(reports):
+    stderr = reports["optimizer.name=lamb"]["stderr"]
+    assert "lamb" in stderr and "adam, adamw, sgd, lars" in stderr
+
+
+def test_a_batch_that_does_not_split_over_the_ranks_exits_2(reports):
+    report = reports["uneven batch"]
+    assert report["code"] == 2 and not report["process_group"] and report["exit_file"] == "2"
+    assert "data.batch_size=33: must be a multiple of world size 2 x deepspeed.grad_accum_steps 1" in report["stderr"]
+
+
+def test_shards_of_another_dataset_are_refused(reports):
+    report = reports["other dataset"]
+    assert report["code"] == 2 and not report["deepspeed"]
+    assert "data.dataset=cifar100: the shards at" in report["stderr"]
+    assert "are of dataset 'digits'" in report["stderr"]
+
+
+def test_shards_with_the_wrong_class_count_are_refused(reports):
+    report = reports["class count"]
+    assert report["code"] == 2 and "has 10 classes, cifar100 has 100 or 20" in report["stderr"]
+
+
+def test_missing_shards_say_how_to_make_them(reports, tmp_path):
+    report, tmp = reports["missing shards"], reports["tmp"]
+    assert report["code"] == 2 and "data.train_split=train: no manifest" in report["stderr"]
+    assert f"create it with: python tools/make_shards.py digits --split train --out {tmp}/nothing" in report["stderr"]
+    pets = load("train", [*SMOKE, "data=folder", "data.dataset=pets", f"data.root={tmp_path}/pets"])
+    with pytest.raises(ConfigError, match=re.escape(
+            f"python tools/make_shards.py folder --src PATH --name pets --split train --out {tmp_path}/pets")):
+        check_shards(pets.data, ("train",))
+
+
+def test_a_shard_missing_beside_its_manifest_is_refused_before_the_run_dir_is_claimed(reports):
+    report, tmp = reports["shard gone"], reports["tmp"]
+    stderr = report["stderr"]
+    assert report["code"] == 2 and not report["deepspeed"] and len(stderr.strip().splitlines()) == 1
+    assert "1 shard or index file(s) missing beside the manifest, e.g. digits-train-000001.tar" in stderr
+    assert f"python tools/make_shards.py digits --split train --out {tmp}/one-shard-gone" in stderr
+    assert not (tmp / "claimed").exists()  # not claimed: once the shards are made, the same command starts afresh
+
+
+def test_evaluation_refuses_a_test_split_with_other_classes_or_none(reports, shards, tmp_path):
+    report = reports["evaluate classes"]
+    assert report["code"] == 2 and "have different classes (10 vs 5)" in report["stderr"], report["stderr"]
 
     def unlabelled(manifest):  # a flat image folder's shards, as the ones a run pretrained on
         manifest.update(dataset="photos", classes=[])
