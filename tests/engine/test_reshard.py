@@ -1,14 +1,17 @@
 """ZeRO 1-3 checkpoints resume at another world size through DeepSpeed's universal checkpoints (real DeepSpeed on its
 CPU accelerator, torchrun + gloo, the real loader on digits shards).
 
-A run trains 2 steps and checkpoints; the same checkpoint is then resumed (a) at the world size that wrote it, the
-ordinary path and the reference, and (b) at another one, through the conversion. Right after resuming, every fp32
-master weight, Adam moment and BatchNorm buffer, gathered whole, must be equal in (a) and (b); (b) must then train on
-to step 4 with the data position continuing. This file is also the worker: `torchrun ... test_reshard.py PHASE SHARDS
-OUT`, one process group per phase, several Trainers in it.
+Runs train 2 steps at world size 2 and checkpoint: ZeRO 0 (unsharded: any world size loads its checkpoint as it is,
+the reference), ZeRO 1, 2 and 3, ZeRO 2 in bf16, and ZeRO 2 with LARS. Each checkpoint is then resumed at world size
+1 and, in a copy, at world size 3 (both at once), through the conversion. Right after resuming, every fp32 master
+weight, Adam moment and BatchNorm buffer, gathered whole, must equal what the world-2 run held when it saved; the
+runs then train 2 more steps, whose losses must equal the ZeRO 0 reference's at that world size, with the data
+position continuing. This file is also the worker: `torchrun ... test_reshard.py PHASE SHARDS OUT`, one process
+group per phase, several Trainers in it.
 """
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -19,123 +22,140 @@ from torch.testing import assert_close
 from tests.engine.test_train_distributed import finish, losses, torchrun
 
 SAVED, RESUMED = 2, 4  # the checkpoint's step; the step the resumed runs train to
-BF16 = "deepspeed.precision=bf16"
+BATCH = 12  # global: divides into world sizes 1, 2 and 3
+CASES = {"zero0": (0, "adamw"), "zero1": (1, "adamw"), "zero2": (2, "adamw"), "zero3": (3, "adamw"),
+         "bf16": (2, "adamw", "deepspeed.precision=bf16"), "lars": (2, "lars")}
+WORLDS = {"one": 1, "three": 3}  # the phases that resume, and their world sizes
 
 
-def cfg_for(shards: str, run_dir: Path, stage: int, steps: int, optimizer: str = "adamw", *extra: str):
+def cfg_for(shards: str, run_dir: Path, steps: int, stage: int, optimizer: str, *extra: str):
     from pipeline.config.compose import load
 
     return load("train", ["experiment=smoke", "method=aag", "method.proj_hidden_dim=64", f"deepspeed=zero{stage}",
-                          f"data.root={shards}", f"run_dir={run_dir}", f"max_steps={steps}", "data.batch_size=16",
-                          f"optimizer={optimizer}", "optimizer.lr=2e-3", "schedule=warmup_constant",
-                          "schedule.warmup_epochs=0", "logger=none", "logger.log_every_steps=1",
-                          "logger.progress_bar=false", "logger.image_every_steps=0", "monitor.knn_every_epochs=0",
-                          "checkpoint.every_steps=0", *extra])
+                          f"data.root={shards}", f"run_dir={run_dir}", f"max_steps={steps}",
+                          f"data.batch_size={BATCH}", f"optimizer={optimizer}", "optimizer.lr=2e-3",
+                          "schedule=warmup_constant", "schedule.warmup_epochs=0", "logger=none",
+                          "logger.log_every_steps=1", "logger.progress_bar=false", "logger.image_every_steps=0",
+                          "monitor.knn_every_epochs=0", "checkpoint.every_steps=0", *extra])
 
 
 def full_state(trainer) -> dict:
     """Every parameter's fp32 master copy and Adam moments, gathered whole (collective under ZeRO 3), the buffers,
-    and the schedule's learning rate."""
+    the schedule's learning rate, each param group's settings and Adam's step count. Under ZeRO 0 the parameters are
+    the fp32 masters and the optimizer is torch's."""
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
-    link = getattr(trainer.engine.optimizer, "_lazy_init_hp_params_optimizer_state", None)
-    if link is not None:  # ZeRO 1/2 link the moments to the parameters at the first step; ask for it now
-        link()
-    out = {"lr": torch.tensor(trainer.schedule.get_last_lr())}
+    optimizer = trainer.engine.optimizer
+    if hasattr(optimizer, "_hp_optimizer_states_linked"):  # ZeRO 1/2 link the moments to the parameters at the
+        # first step, right after the first param group's update: before the later groups have any. Link them now.
+        optimizer._hp_optimizer_states_linked = False
+        optimizer._lazy_init_hp_params_optimizer_state()
+    unsharded = trainer.engine.zero_optimization_stage() == 0
+    inner = optimizer if unsharded else optimizer.optimizer  # torch's: each param group's settings, the step count
+    out = {"lr": torch.tensor(trainer.schedule.get_last_lr()),
+           "groups": torch.tensor([[g["weight_decay"], g["eps"], *g["betas"]] for g in inner.param_groups]),
+           "steps": torch.tensor(sorted({float(s["step"]) for s in inner.state.values()}))}
     for name, p in trainer.engine.module.named_parameters():
-        out[name] = safe_get_full_fp32_param(p)
+        out[name] = p.detach().clone() if unsharded else safe_get_full_fp32_param(p)
         for key in ("exp_avg", "exp_avg_sq"):
-            out[f"{name}/{key}"] = safe_get_full_optimizer_state(p, key)
+            out[f"{name}/{key}"] = (optimizer.state[p][key].clone() if unsharded
+                                    else safe_get_full_optimizer_state(p, key))
     out.update({f"buffer/{n}": b.clone() for n, b in trainer.engine.module.named_buffers()})
     return out
 
 
-def train(shards, run_dir, stage, optimizer="adamw", *extra):
-    from pipeline.engine.trainer import Trainer
-
-    assert Trainer(cfg_for(shards, run_dir, stage, SAVED, optimizer, *extra)).run() == "done"
-
-
-def resume(shards, run_dir, stage, name, *extra, force=False, go_on=True):
-    """Resume run_dir's step-2 checkpoint at this world size; rank 0 saves the state it resumed with to `name`."""
+def keep(state: dict, path: Path) -> None:
     import torch.distributed as dist
 
-    from pipeline.engine.trainer import Trainer
-
-    trainer = Trainer(cfg_for(shards, run_dir, stage, RESUMED, "adamw", *extra, *["checkpoint.resume=force"] * force))
-    assert trainer.step == SAVED
-    state = full_state(trainer)
     if dist.get_rank() == 0:
-        torch.save(state, run_dir / name)
-    if go_on:
-        assert trainer.run() == "done"
-    else:
-        trainer.loader.close()
+        torch.save(state, path)
 
 
 def worker(phase: str, shards: str, out: str) -> None:
     import torch.distributed as dist
 
     from pipeline.config.checks import ConfigError
+    from pipeline.engine.trainer import Trainer
 
     out = Path(out)
-    if phase == "two":  # ZeRO 1-3 at world size 2, their same-world references; and LARS
-        for stage in (1, 2, 3):
-            train(shards, out / f"zero{stage}", stage)
-            resume(shards, out / f"zero{stage}", stage, "reference.pt", force=True, go_on=False)
-        train(shards, out / "bf16", 2, "adamw", BF16)
-        resume(shards, out / "bf16", 2, "reference.pt", BF16, force=True, go_on=False)
-        train(shards, out / "lars", 2, "lars")
-    elif phase == "one":  # those at world size 1; a ZeRO 2 run at world size 1 and its reference
-        # what a conversion killed half-way leaves: the resume must redo it
-        (out / "zero1/checkpoints/step000000002/.universal-tmp/universal").mkdir(parents=True)
-        for stage in (1, 2, 3):
-            resume(shards, out / f"zero{stage}", stage, "resumed.pt")
-        resume(shards, out / "bf16", 2, "resumed.pt", BF16)
-        try:
-            train(shards, out / "lars", 2, "lars")  # max_steps=2 again: nothing to train, but it resumes
-        except ConfigError as err:
-            (out / "lars" / "refused.txt").write_text(str(err))
-        train(shards, out / "one", 2)
-        resume(shards, out / "one", 2, "reference.pt", force=True, go_on=False)
-    elif phase == "again":  # the world-size-1 ZeRO 2 run at world size 2
-        resume(shards, out / "one", 2, "resumed.pt")
+    for case, (stage, optimizer, *extra) in CASES.items():
+        run_dir = out / phase / case
+        if phase == "two":  # train and checkpoint; keep the state it saved
+            trainer = Trainer(cfg_for(shards, run_dir, SAVED, stage, optimizer, *extra))
+            assert trainer.run() == "done"
+            if optimizer == "adamw":
+                keep(full_state(trainer), run_dir / "saved.pt")
+        elif optimizer == "lars":  # cannot be converted: refused (max_steps as saved: nothing left to train)
+            try:
+                Trainer(cfg_for(shards, run_dir, SAVED, stage, optimizer, *extra))
+            except ConfigError as err:
+                (run_dir / "refused.txt").write_text(str(err))
+        else:  # resume at this world size (max_steps raised: forced); keep the state it resumed with, then train on
+            trainer = Trainer(cfg_for(shards, run_dir, RESUMED, stage, optimizer, *extra, "checkpoint.resume=force"))
+            assert trainer.step == SAVED
+            if stage:
+                keep(full_state(trainer), run_dir / "resumed.pt")
+            assert trainer.run() == "done"
     dist.barrier()
 
 
 @pytest.fixture(scope="module")
 def runs(shards, tmp_path_factory):
     out = tmp_path_factory.mktemp("reshard")
-    for phase, nproc in (("two", 2), ("one", 1), ("again", 2)):
-        finish(torchrun([__file__, phase, shards, str(out)], nproc=nproc))
+    finish(torchrun([__file__, "two", shards, str(out)], nproc=2))
+    for phase in WORLDS:
+        shutil.copytree(out / "two", out / phase)
+    # what a conversion killed half-way leaves: the resume must redo it
+    (out / "one/zero1/checkpoints/step000000002/.universal-tmp/universal").mkdir(parents=True)
+    resumes = [torchrun([__file__, phase, shards, str(out)], nproc=world) for phase, world in WORLDS.items()]
+    for proc in resumes:
+        finish(proc)
     return out
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", ["zero1", "zero2", "zero3", "bf16", "one"])
-def test_a_zero_checkpoint_resumes_at_another_world_size_with_the_same_state(runs, case):
-    """2 ranks -> 1 for ZeRO 1, 2 and 3, and ZeRO 2 with bf16; 1 rank -> 2 for ZeRO 2 ("one")."""
-    run_dir = runs / case
-    reference = torch.load(run_dir / "reference.pt", weights_only=True)
+@pytest.mark.parametrize("phase", WORLDS)
+@pytest.mark.parametrize("case", ["zero1", "zero2", "zero3", "bf16"])
+def test_a_zero_checkpoint_resumes_at_another_world_size_with_the_same_state(runs, case, phase):
+    """2 ranks -> 1 and 2 ranks -> 3 for ZeRO 1, 2 and 3, and ZeRO 2 with bf16."""
+    run_dir = runs / phase / case
+    saved = torch.load(runs / "two" / case / "saved.pt", weights_only=True)
     resumed = torch.load(run_dir / "resumed.pt", weights_only=True)
-    assert sorted(resumed) == sorted(reference)
-    assert any(k.endswith("exp_avg_sq") for k in reference)
-    for key, value in reference.items():
+    assert sorted(resumed) == sorted(saved)
+    assert any(k.endswith("exp_avg_sq") for k in saved)
+    for key, value in saved.items():
         assert value is not None, key
         assert_close(resumed[key], value, rtol=0, atol=1e-6, msg=lambda m, key=key: f"{key}: {m}")
     tag = run_dir / "checkpoints" / f"step{SAVED:09d}"
     assert (tag / "universal" / "zero").is_dir() and not (tag / ".universal-tmp").exists()
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [(r["step"], r["samples"]) for r in records] == [(s, 16 * s) for s in range(1, RESUMED + 1)]
+    assert [(r["step"], r["samples"]) for r in records] == [(s, BATCH * s) for s in range(1, RESUMED + 1)]
     assert sorted(losses(run_dir)) == list(range(1, RESUMED + 1))
     assert json.loads((run_dir / "status.json").read_text())["status"] == "done"
 
 
 @pytest.mark.slow
-def test_lars_state_at_another_world_size_is_refused_in_one_line(runs):
-    refused = (runs / "lars" / "refused.txt").read_text()
+@pytest.mark.parametrize("phase", WORLDS)
+@pytest.mark.parametrize("case", ["zero1", "zero2", "zero3"])
+def test_the_resumed_run_computes_the_losses_of_an_unsharded_one(runs, case, phase):
+    """The ZeRO 0 run holds the same weights at the checkpoint and resumes without a conversion: after the
+    conversion, the sharded run's next losses at this world size are its losses."""
+    reference = torch.load(runs / "two" / "zero0" / "saved.pt", weights_only=True)
+    saved = torch.load(runs / "two" / case / "saved.pt", weights_only=True)
+    for key, value in reference.items():  # the same weights, moments and buffers at the checkpoint
+        assert_close(saved[key], value, rtol=0, atol=1e-6, msg=lambda m, key=key: f"{key}: {m}")
+    expected, got = losses(runs / phase / "zero0"), losses(runs / phase / case)
+    assert sorted(got) == sorted(expected) == list(range(1, RESUMED + 1))
+    for step in range(SAVED + 1, RESUMED + 1):
+        assert abs(got[step] - expected[step]) <= 1e-5, (step, got[step], expected[step])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("phase", WORLDS)
+def test_lars_state_at_another_world_size_is_refused_in_one_line(runs, phase):
+    refused = (runs / phase / "lars" / "refused.txt").read_text()
     assert "under ZeRO 2 with LARS" in refused and "resume with 2 ranks" in refused and "\n" not in refused
-    assert not (runs / "lars" / "checkpoints" / f"step{SAVED:09d}" / "universal").exists()
+    assert not (runs / phase / "lars" / "checkpoints" / f"step{SAVED:09d}" / "universal").exists()
 
 
 def test_a_failed_conversion_leaves_the_checkpoint_as_it_was(tmp_path, monkeypatch):
