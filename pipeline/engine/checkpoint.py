@@ -126,6 +126,21 @@ def _restore_buffers(module, folder: Path) -> None:
             buffer.copy_(saved["module"][key])
 
 
+def _repair_zero3_universal_load(optimizer, universal: Path) -> None:
+    """DeepSpeed 0.19.8's ZeRO 3 universal load gives every param group the first group's settings (the weight decay
+    of the decayed group to the parameters excluded from it), and one step-count tensor to all of them, which Adam
+    then advances once per group at each step (a wrong bias correction from the second step on). Set each group's
+    own settings again, from the checkpoint, and give each its own count."""
+    from pipeline.engine.safe_load import safe_load
+
+    saved = safe_load(str(universal / "zero" / "optimizer_state.pt"))["optimizer_state_dict"]["param_groups"]
+    for group, settings in zip(optimizer.param_groups, saved, strict=True):
+        group.update({k: v for k, v in settings.items() if k != "params"})
+    for state in optimizer.state.values():
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()
+
+
 @dataclass
 class Restored:
     tag: str
@@ -314,6 +329,8 @@ class Checkpoints:
             engine._config.load_universal_checkpoint = False
         if path is not None and load_tag == UNIVERSAL:
             _restore_buffers(engine.module, self.dir / tag)
+            if engine.zero_optimization_stage() == 3:
+                _repair_zero3_universal_load(engine.optimizer.optimizer, self.dir / tag / UNIVERSAL)
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load checkpoint {self.dir / tag}")
         rng_file = self.dir / tag / f"rng_rank{self.rank}.pt"
