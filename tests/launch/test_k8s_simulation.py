@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -39,6 +40,7 @@ from tests.helpers.k8s_tools import (
     require_k8s_tools,
     validation_errors,
 )
+from tests.helpers.processes import descendants
 
 pytestmark = pytest.mark.slow
 
@@ -235,8 +237,10 @@ def _workdir(container: dict) -> Path:
     return REPO
 
 
-def pytorchjob_replicas(cluster: Cluster, resources: list[dict], bin_dir: Path, secrets=None) -> list[Replica]:
-    """Start every replica of the PyTorchJob in `resources` as the training-operator (v1.8) would configure it."""
+def pytorchjob_replicas(cluster: Cluster, resources: list[dict], bin_dir: Path, secrets=None,
+                        workers: range | None = None) -> list[Replica]:
+    """Start every replica of the PyTorchJob in `resources` as the training-operator (v1.8) would configure it (of
+    the Workers only those in `workers`, if given: the pods it creates when a job grows)."""
     job = by_kind(resources, "PyTorchJob")[0]
     name, spec = job["metadata"]["name"], job["spec"]
     specs = spec["pytorchReplicaSpecs"]
@@ -253,6 +257,8 @@ def pytorchjob_replicas(cluster: Cluster, resources: list[dict], bin_dir: Path, 
         if rtype not in specs:
             continue
         for index in range(specs[rtype]["replicas"]):
+            if rtype == "Worker" and workers is not None and index not in workers:
+                continue
             pod = specs[rtype]["template"]
             c = next(c for c in pod["spec"]["containers"] if c["name"] == "pytorch")
             rank = index + (1 if rtype == "Worker" else 0)
@@ -275,6 +281,9 @@ def pytorchjob_replicas(cluster: Cluster, resources: list[dict], bin_dir: Path, 
                     injected.append(("PET_MAX_RESTARTS", str(elastic["maxRestarts"])))
                 if "nProcPerNode" in elastic:
                     injected.append(("PET_NPROC_PER_NODE", str(elastic["nProcPerNode"])))
+                if "rdzvConf" in elastic:
+                    injected.append(("PET_RDZV_CONF", ",".join(f"{c['key']}={c['value']}"
+                                                               for c in elastic["rdzvConf"])))
             else:
                 injected.append(("PET_NNODES", str(total)))
             labels = {**pod["metadata"].get("labels", {}), "training.kubeflow.org/job-name": name,
@@ -462,26 +471,78 @@ def test_a_finished_run_without_export_exits_0_also_when_its_pod_is_restarted(tm
     assert not (run_dir / "encoder.safetensors").exists()
 
 
-def test_elastic_pytorchjob_workers_rendezvous_and_train(tmp_path, digits, bin_dir, cluster):
-    """overlays/imagenet-aasae-elastic with 1 process per pod: two Workers, no Master, torchrun's c10d rendezvous
-    on <job>-worker-0 from PET_RDZV_ENDPOINT and PET_NNODES=1:2."""
+def rendezvous_host(replicas: list[Replica], port: int) -> Replica:
+    """The replica whose torchrun serves the c10d rendezvous store on `port`. In a cluster it is <job>-worker-0's; here
+    every pod's name resolves to this machine, so it is whichever agent bound the port first."""
+    netns = ["nsenter", f"--net=/proc/{replicas[0].proc.pid}/ns/net"] if CAN_UNSHARE else []
+    listing = subprocess.run([*netns, "ss", "-Hltnp", f"sport = :{port}"], capture_output=True, text=True,
+                             timeout=30).stdout
+    pids = {int(p) for p in re.findall(r"pid=(\d+)", listing)}
+    return next(r for r in replicas if pids & {r.proc.pid, *descendants(r.proc.pid)})
+
+
+def test_elastic_pytorchjob_resumes_after_a_scale_down_and_a_scale_up(tmp_path, digits, bin_dir, cluster):
+    """overlays/imagenet-aasae-elastic as it ships (ZeRO 2, bf16; no SyncBatchNorm on the CPU), 1 process per pod, up
+    to 3 pods. Two Workers train; one
+    pod is lost (SIGKILL to its processes) and the other's torchrun restarts its trainer alone, which resumes from the
+    checkpoint at world size 1; two pods are added, the running trainer checkpoints when torchrun restarts it for
+    them, and the three resume at world size 3. Each resume converts the ZeRO 2 checkpoint: no "cannot
+    re-partition", and every step is trained. Deleting a pod then stops all three (143)."""
     runs = tmp_path / "runs"
+    overlay = K8S / "overlays" / "imagenet-aasae-elastic"
     prefix = "/spec/pytorchReplicaSpecs/Worker/template/spec/containers/0"
-    resources = cpu_overlay(
-        tmp_path, K8S / "overlays" / "imagenet-aasae-elastic",
-        training_literals(digits, runs),
-        [{"target": {"kind": "PyTorchJob"}, "patch": dump(tmp_path / "p.yaml", [
+    trainer = [op for op in one_cpu_trainer(overlay, prefix, ["max_steps=100000", "checkpoint.every_steps=2",
+                                                              "data.batch_size=12", "dist.timeout_s=60",
+                                                              "deepspeed.sync_batchnorm=false"])
+               if op.get("value") != "deepspeed=zero0"]  # the overlay's own DeepSpeed setting, less SyncBatchNorm
+    resources = cpu_overlay(tmp_path, overlay, training_literals(digits, runs), [
+        {"target": {"kind": "PyTorchJob"}, "patch": dump(tmp_path / "p.yaml", [
             {"op": "replace", "path": "/spec/elasticPolicy/nProcPerNode", "value": 1},
-            *one_cpu_trainer(K8S / "overlays" / "imagenet-aasae-elastic", prefix,
-                            ["max_steps=6", "checkpoint.every_steps=3"])]).read_text()}])
-    job = by_kind(resources, "PyTorchJob")[0]["metadata"]["name"]
-    workers = pytorchjob_replicas(cluster, resources, bin_dir)
-    assert [w.env["PET_NNODES"] for w in workers] == ["1:2", "1:2"]
-    assert "RANK" not in workers[0].env and "MASTER_ADDR" not in workers[0].env
-    codes = run_all(workers)
-    assert codes == [0, 0], report(workers)
-    run_dir = runs / job
-    assert checkpoints(run_dir)[6]["world_size"] == 2, report(workers)
+            {"op": "replace", "path": "/spec/elasticPolicy/maxReplicas", "value": 3},
+            # a lone pod waits this long for others before it trains alone (torchrun's default: 30 s)
+            {"op": "add", "path": "/spec/elasticPolicy/rdzvConf", "value": [{"key": "last_call_timeout",
+                                                                               "value": "2"}]},
+            *trainer]).read_text()}])
+    job = by_kind(resources, "PyTorchJob")[0]
+    run_dir, port = runs / job["metadata"]["name"], job["spec"]["pytorchReplicaSpecs"]["Worker"]["template"][
+        "spec"]["containers"][0]["ports"][0]["containerPort"]
+    pods = pytorchjob_replicas(cluster, resources, bin_dir)
+    assert [p.env["PET_NNODES"] for p in pods] == ["1:3", "1:3"] and pods[0].env["PET_RDZV_CONF"] == \
+        "last_call_timeout=2"
+    assert "RANK" not in pods[0].env and "MASTER_ADDR" not in pods[0].env  # torchrun's c10d rendezvous assigns them
+
+    def wait_for(what, condition, timeout: float = 240):
+        deadline = time.monotonic() + timeout
+        while not condition():
+            assert time.monotonic() < deadline, f"no {what}:\n{report(cluster.replicas)}"
+            assert all(p.proc.poll() is None for p in pods), report(cluster.replicas)
+            time.sleep(0.2)
+
+    def saved_at(world: int) -> list[int]:
+        return sorted(step for step, m in checkpoints(run_dir).items() if m["world_size"] == world)
+
+    wait_for("checkpoint at world size 2", lambda: saved_at(2))
+    survivor = rendezvous_host(pods, port)
+    lost = next(p for p in pods if p is not survivor)
+    for pid in [lost.proc.pid, *descendants(lost.proc.pid)]:  # the node is gone
+        os.kill(pid, signal.SIGKILL)
+    lost.wait(30)
+    pods = [survivor]
+    wait_for("checkpoint at world size 1", lambda: saved_at(1))
+    job["spec"]["pytorchReplicaSpecs"]["Worker"]["replicas"] = 3  # kubectl patch: the operator adds two pods
+    pods += pytorchjob_replicas(cluster, resources, bin_dir, workers=range(1, 3))
+    wait_for("checkpoint at world size 3", lambda: saved_at(3))
+    os.kill(pods[1].entrypoint_pid(), signal.SIGTERM)  # kubectl delete pod: the job stops
+    pods = []  # exits are expected from here on
+    codes = run_all([survivor, *cluster.replicas[-2:]])
+    assert codes == [143, 143, 143], report(cluster.replicas)
+
+    out = "".join(r.output() for r in cluster.replicas)
+    assert "cannot re-partition" not in out
+    assert all(m["zero_stage"] == 2 for m in checkpoints(run_dir).values())
+    assert "world size 2 -> 1" in survivor.output() and "world size 1 -> 3" in out, report(cluster.replicas)
+    steps = steps_logged(run_dir)
+    assert sorted(set(steps)) == list(range(1, max(steps) + 1)) and max(checkpoints(run_dir)) >= saved_at(3)[0]
 
 
 def test_make_shards_job_converts_one_split_per_pod(tmp_path, bin_dir, cluster):
