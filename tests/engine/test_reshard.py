@@ -86,6 +86,8 @@ def worker(phase: str, shards: str, out: str) -> None:
             if optimizer == "adamw":
                 keep(full_state(trainer), run_dir / "saved.pt")
         elif optimizer == "lars":  # cannot be converted: refused (max_steps as saved: nothing left to train)
+            if phase == "three":
+                continue  # refused at world size 1 already: no need to pay for 3 ranks building an engine again
             try:
                 Trainer(cfg_for(shards, run_dir, SAVED, stage, optimizer, *extra))
             except ConfigError as err:
@@ -151,11 +153,10 @@ def test_the_resumed_run_computes_the_losses_of_an_unsharded_one(runs, case, pha
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("phase", WORLDS)
-def test_lars_state_at_another_world_size_is_refused_in_one_line(runs, phase):
-    refused = (runs / phase / "lars" / "refused.txt").read_text()
+def test_lars_state_at_another_world_size_is_refused_in_one_line(runs):
+    refused = (runs / "one" / "lars" / "refused.txt").read_text()
     assert "under ZeRO 2 with LARS" in refused and "resume with 2 ranks" in refused and "\n" not in refused
-    assert not (runs / phase / "lars" / "checkpoints" / f"step{SAVED:09d}" / "universal").exists()
+    assert not (runs / "one" / "lars" / "checkpoints" / f"step{SAVED:09d}" / "universal").exists()
 
 
 def test_a_failed_conversion_leaves_the_checkpoint_as_it_was(tmp_path, monkeypatch):

@@ -483,11 +483,11 @@ def rendezvous_host(replicas: list[Replica], port: int) -> Replica:
 
 def test_elastic_pytorchjob_resumes_after_a_scale_down_and_a_scale_up(tmp_path, digits, bin_dir, cluster):
     """overlays/imagenet-aasae-elastic as it ships (ZeRO 2, bf16; no SyncBatchNorm on the CPU), 1 process per pod, up
-    to 3 pods. Two Workers train; one
-    pod is lost (SIGKILL to its processes) and the other's torchrun restarts its trainer alone, which resumes from the
-    checkpoint at world size 1; two pods are added, the running trainer checkpoints when torchrun restarts it for
-    them, and the three resume at world size 3. Each resume converts the ZeRO 2 checkpoint: no "cannot
-    re-partition", and every step is trained. Deleting a pod then stops all three (143)."""
+    to 3 pods. Two Workers train; one pod is lost (SIGKILL to its processes) and the other's torchrun restarts its
+    trainer alone, which resumes from the checkpoint at world size 1; two pods are added, the running trainer
+    checkpoints when torchrun restarts it for them, and the three resume at world size 3. Each resume converts the
+    ZeRO 2 checkpoint: no "cannot re-partition", and every step is trained. Deleting a pod then stops all three
+    (143)."""
     runs = tmp_path / "runs"
     overlay = K8S / "overlays" / "imagenet-aasae-elastic"
     prefix = "/spec/pytorchReplicaSpecs/Worker/template/spec/containers/0"
@@ -504,8 +504,9 @@ def test_elastic_pytorchjob_resumes_after_a_scale_down_and_a_scale_up(tmp_path, 
                                                                                "value": "2"}]},
             *trainer]).read_text()}])
     job = by_kind(resources, "PyTorchJob")[0]
-    run_dir, port = runs / job["metadata"]["name"], job["spec"]["pytorchReplicaSpecs"]["Worker"]["template"][
-        "spec"]["containers"][0]["ports"][0]["containerPort"]
+    container = job["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]["containers"][0]
+    run_dir = runs / job["metadata"]["name"]
+    port = next(p["containerPort"] for p in container["ports"] if p["name"] == "pytorchjob-port")
     pods = pytorchjob_replicas(cluster, resources, bin_dir)
     assert [p.env["PET_NNODES"] for p in pods] == ["1:3", "1:3"] and pods[0].env["PET_RDZV_CONF"] == \
         "last_call_timeout=2"
