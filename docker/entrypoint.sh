@@ -89,7 +89,8 @@ if [ -n "$stop_file" ]; then
   self=$$
   (
     trap - TERM INT USR1 USR2
-    while sleep "$poll"; do
+    # ends with this script too: killed outright outside a container (in a pod the container would go with it)
+    while sleep "$poll" && kill -0 "$self" 2>/dev/null; do
       if [ "$stop_file" -nt "$started" ]; then
         echo "augssl-entrypoint: another pod of this run was stopped ($stop_file): stopping too" >&2
         kill -s USR2 "$self"
