@@ -3,11 +3,11 @@
 A method declares its views as {view name: augmentation name} (pipeline/methods); the loader builds one DALI graph
 that makes every view from the same decoded image. Everything after the decoder runs in DALI, on the GPU when the
 images were decoded there ("mixed"). Every random parameter of a view (crop box, flip, jitter factors, grayscale,
-blur and its sigma, RandAugment's operations and signs) is drawn here, in numpy, by `draw_params` from uniforms that
-are a function of (seed, epoch, sample index, view) alone (counter_random.py), and reaches DALI's operators as
-argument inputs. A sample's views
-therefore depend on nothing else: not the rank, the world size, its place in a batch, nor when the stream was
-(re)started, so a resumed run sees exactly the augmentations an uninterrupted one sees. Strengths that differ per
+blur and its sigma, RandAugment's operations, signs and Cutout boxes) is drawn here, in numpy, by `draw_params`
+from uniforms that are a function of (seed, epoch, sample index, view) alone (counter_random.py), and reaches DALI's
+operators as argument inputs. A sample's views therefore depend on nothing else: not the rank, the world size, its
+place in a batch, nor when the stream was (re)started, so a resumed run sees exactly the augmentations an
+uninterrupted one sees. Strengths that differ per
 dataset come from the dataset table (datasets.py); every view has the side `size` (data.image_size).
 
 Augmentations (torchvision semantics for the parameters; docs/methods.md says which method uses which):
@@ -15,8 +15,9 @@ Augmentations (torchvision semantics for the parameters; docs/methods.md says wh
   with p = 0.8, grayscale p = 0.2, Gaussian blur p = 0.5 (sigma 0.1-2, window 10% of the side) where the dataset
   blurs. Small images: s = 0.5, no blur; STL-10 and ImageNet: s = 1, blur.
 - crop_jitter: random resized crop (0.2-1), colour jitter (0.4, 0.4, 0.4, 0.4) always, grayscale 0.2, flip; no blur.
-- randaugment: random resized crop (0.2-1), flip, RandAugment(n, m) with translations bounded to 30% of the side at
-  the top magnitude (10% at m = 10) and grey (128) fill, so content stays inside the image and no view turns black.
+- randaugment: random resized crop (0.2-1), flip, RandAugment(n, m) over the AAG authors' 18 operations and
+  magnitudes (aag_randaugment.py), with translations bounded to 30% of the side at the top magnitude (10% at m = 10),
+  so content stays inside the image: their 33 px shift at m = 10 blanks a 32 px view.
 - center_crop: resize the shorter side to size / eval_crop_fraction, centre crop `size` (CIFAR 32/32, STL-10 105/96,
   ImageNet 256/224): deterministic, the evaluation transform and a reconstruction target.
 - crop_flip: random resized crop (0.08-1) and flip (linear-probe training).
@@ -30,17 +31,12 @@ from typing import Callable
 import numpy as np
 from nvidia.dali import fn, types
 from nvidia.dali import math as dmath
-from nvidia.dali.auto_aug import rand_augment
-from nvidia.dali.auto_aug.core import select, signed_bin
 
 from ..datasets import DatasetInfo
+from . import aag_randaugment
 
-RANDAUGMENT_MAX_TRANSLATE = 0.3  # of the side, at magnitude bin 30 of 31
-RANDAUGMENT_FILL = 128
 BLUR_SIGMA = (0.1, 2.0)
 BLUR_MAX_TAPS = 13
-RANDAUGMENT_BINS = 31
-RANDAUGMENT_OPS = rand_augment.get_rand_augment_suite(use_shape=True, max_translate_rel=RANDAUGMENT_MAX_TRANSLATE)
 
 
 @dataclass(frozen=True)
@@ -100,20 +96,22 @@ def view_specs(views: dict[str, str], info: DatasetInfo, size: int,
 
 # -- the random parameters, drawn on the host ---------------------------------------------------------------------
 # One float32 vector per sample and random view: crop box (relative y0, x0, y1, x1), flip, brightness, contrast,
-# saturation, hue (degrees), blur (0/1), sigma, then RandAugment's n operation indices and n signs.
+# saturation, hue (degrees), blur (0/1), sigma, then RandAugment's n operation indices, n signs and n Cutout boxes
+# (anchor y, x; height, width: used by the levels that draw Cutout).
 CROP, FLIP, BRIGHTNESS, CONTRAST, SATURATION, HUE, BLUR, SIGMA, RANDAUGMENT = 0, 4, 5, 6, 7, 8, 9, 10, 11
-# The uniforms they are drawn from: four per try of the crop (area, log aspect ratio, top, left), then one each.
+# The uniforms they are drawn from: four per try of the crop (area, log aspect ratio, top, left), then one each, then
+# RandAugment's n operations, n signs and n Cutout centres (y, x).
 CROP_TRIES = 10
 U_FLIP, U_JITTER, U_FACTORS, U_GRAY, U_BLUR, U_SIGMA, U_RANDAUGMENT = (4 * CROP_TRIES + k
                                                                        for k in (0, 1, 2, 6, 7, 8, 9))
 
 
 def param_count(spec: ViewSpec) -> int:
-    return RANDAUGMENT + 2 * (spec.randaugment[0] if spec.randaugment else 0)
+    return RANDAUGMENT + 6 * (spec.randaugment[0] if spec.randaugment else 0)
 
 
 def uniform_count(spec: ViewSpec) -> int:
-    return U_RANDAUGMENT + 2 * (spec.randaugment[0] if spec.randaugment else 0)
+    return U_RANDAUGMENT + 4 * (spec.randaugment[0] if spec.randaugment else 0)
 
 
 def _scaled(u: np.ndarray, lo: float, hi: float) -> np.ndarray:
@@ -163,9 +161,14 @@ def draw_params(spec: ViewSpec, u: np.ndarray, height: np.ndarray, width: np.nda
     p[:, BLUR] = u[:, U_BLUR] < spec.blur_p
     p[:, SIGMA] = _scaled(u[:, U_SIGMA], *BLUR_SIGMA)
     if spec.randaugment:
-        n = spec.randaugment[0]
-        p[:, RANDAUGMENT : RANDAUGMENT + n] = np.floor(u[:, U_RANDAUGMENT : U_RANDAUGMENT + n] * len(RANDAUGMENT_OPS))
-        p[:, RANDAUGMENT + n :] = u[:, U_RANDAUGMENT + n :] < 0.5
+        n, m = spec.randaugment
+        ops = len(aag_randaugment.OPS)
+        p[:, RANDAUGMENT : RANDAUGMENT + n] = np.floor(u[:, U_RANDAUGMENT : U_RANDAUGMENT + n] * ops)
+        p[:, RANDAUGMENT + n : RANDAUGMENT + 2 * n] = u[:, U_RANDAUGMENT + n : U_RANDAUGMENT + 2 * n] < 0.5
+        for level in range(n):
+            centre = u[:, U_RANDAUGMENT + 2 * n + 2 * level : U_RANDAUGMENT + 2 * n + 2 * level + 2]
+            box = RANDAUGMENT + 2 * n + 4 * level
+            p[:, box : box + 4] = aag_randaugment.cutout_boxes(centre, spec.size, m)
     return p
 
 
@@ -206,15 +209,14 @@ def _blur(images, spec: ViewSpec, params):
 
 
 def _randaugment(images, spec: ViewSpec, params):
-    """RandAugment(n, m) with the operations and magnitude signs drawn in draw_params (DALI's apply_rand_augment,
-    with its random draws replaced by those)."""
+    """RandAugment(n, m) over the AAG authors' operations, with the operations, magnitude signs and Cutout boxes
+    drawn in draw_params (DALI's apply_rand_augment, with its random draws replaced by those)."""
     n, m = spec.randaugment
     for level in range(n):
         op = fn.cast(params[RANDAUGMENT + level], dtype=types.INT32)
         sign = fn.cast(params[RANDAUGMENT + n + level], dtype=types.INT32)
-        images = select(RANDAUGMENT_OPS, op, data=images, magnitude_bin=signed_bin(m, random_sign=sign),
-                        num_magnitude_bins=RANDAUGMENT_BINS, shape=(spec.size, spec.size),
-                        fill_value=RANDAUGMENT_FILL)
+        box = RANDAUGMENT + 2 * n + 4 * level
+        images = aag_randaugment.apply(images, op, sign, params[box : box + 4], m, spec.size)
     return images
 
 

