@@ -7,22 +7,22 @@ counts once.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 from torch import Tensor, nn
 
-from pipeline.data.loading.loader import ShardLoader
+from pipeline.data.loading.loader import Batch, ShardLoader
 
 
 @torch.no_grad()
-def feature_batches(encoder: nn.Module, loader: ShardLoader, device: torch.device,
+def feature_batches(encoder: nn.Module, loader: ShardLoader | Iterable[Batch], device: torch.device,
                     dtype: torch.dtype = torch.float32,
                     transform: Callable[[Tensor], Tensor] | None = None) -> Iterator[tuple[Tensor, Tensor]]:
-    """(features, labels) of each batch of this rank's share of one epoch of `loader`, float32, computed on `device`
-    (the encoder's) from inputs of `dtype` (the encoder's), after `transform` (a probe's augmentation) if given; one
-    batch at a time, so that a consumer keeping a compressed copy (the kNN monitor) never holds the share in
-    float32."""
+    """(features, labels) of each batch of this rank's share of one epoch of `loader` (or of batches it made before),
+    float32, computed on `device` (the encoder's) from inputs of `dtype` (the encoder's), after `transform` (a probe's
+    augmentation) if given; one batch at a time, so that a consumer keeping a compressed copy (the kNN monitor)
+    never holds the share in float32."""
     was_training = encoder.training
     encoder.eval()
     try:
@@ -36,7 +36,8 @@ def feature_batches(encoder: nn.Module, loader: ShardLoader, device: torch.devic
         encoder.train(was_training)
 
 
-def features(encoder: nn.Module, loader: ShardLoader, device: torch.device, dtype: torch.dtype = torch.float32,
+def features(encoder: nn.Module, loader: ShardLoader | Iterable[Batch], device: torch.device,
+             dtype: torch.dtype = torch.float32,
              transform: Callable[[Tensor], Tensor] | None = None):
     """(features, labels) of this rank's whole share, concatenated (`feature_batches`)."""
     feats, labels = zip(*feature_batches(encoder, loader, device, dtype, transform))
