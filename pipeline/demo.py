@@ -7,17 +7,25 @@ raw pixels with the same protocol, and prints a table:
     python -m pipeline.demo --baselines           # also the VAE and SimCLR baselines (a few minutes more)
     python -m pipeline.demo --methods aag         # any subset of aasae,aag,vae,simclr
     python -m pipeline.demo --quick               # seconds of training: checks the plumbing, not the claim
+    python -m pipeline.demo --baselines --seeds 3 # the papers' orderings: both papers' protocols, 3 seeds each
 
 Each method is trained by its real entry point (`python -m pipeline.train experiment=demo_<method> ...`, one
 subprocess each, so that every run gets a fresh process group and DeepSpeed engine); evaluation calls
-pipeline.evaluate.evaluate in this process with the same overrides the command line would take
-(`python -m pipeline.evaluate data=digits encoder=<run dir> knn_k=20 linear.epochs=...`; k = 20 is the digits
-entry's k in pipeline/data/datasets.py, which the training monitor uses too).
+pipeline.evaluate.evaluate in this process with the same overrides the command line would take, once per protocol
+(`--protocols`): `default` is `python -m pipeline.evaluate data=digits encoder=<run dir> knn_k=20 linear.epochs=...`
+(k = 20 is the digits entry's k in pipeline/data/datasets.py, which the training monitor uses too); `aasae` and `aag`
+are the papers' protocols (`protocol=aasae`, `protocol=aag`) with their own epochs and k. With --baselines the
+protocols default to `aasae,aag`, so that each paper's ordering (AASAE > VAE, AAG >= SimCLR) is read under both.
+`--seeds N` trains every method with seeds 0..N-1 and prints each cell as mean +- standard deviation over the seeds,
+and a line per ordering saying whether it holds on the means; the reference rows (random init, raw pixels) are
+evaluated once.
 
-Everything lands in one demo folder (default runs/demo-<time>): a run dir per method, random_init/encoder.safetensors,
-eval JSON per row, and results.json + results.md with the table. The self-supervised encoders are expected to beat
+Everything lands in one demo folder (default runs/demo-<time>): a run dir per method (per method and seed with
+--seeds), random_init/encoder.safetensors, an eval JSON per row and protocol, and results.json + results.md with the
+table. The self-supervised encoders are expected to beat
 the random-init encoder on the linear probe; if one does not, a WARNING line says so (the exit status stays 0: the
-table is the result). Exit status: 0 table written, 1 a training run failed.
+table is the result). Exit status: 0 table written, 1 a training run failed, 2 an unknown method or
+protocol, or --seeds below 1.
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from pipeline.config.compose import load
@@ -38,10 +47,11 @@ from pipeline.data.datasets import dataset_info
 DATASET = "digits"
 METHODS = ("aasae", "aag", "vae", "simclr")
 PAPER_METHODS = ("aasae", "aag")
+PROTOCOLS = ("default", "aasae", "aag")
 NAMES = {"aasae": "AASAE", "aag": "AAG", "vae": "VAE (baseline)", "simclr": "SimCLR (baseline)",
          "random_init": "random-init encoder", "raw_pixels": "raw pixels"}
 KNN_K = dataset_info(DATASET).knn_k  # the monitor's and the evaluator's k for digits
-LINEAR_EPOCHS = 100
+LINEAR_EPOCHS = 100  # the default protocol's, here
 QUICK = {"train": ["max_steps=2", "data.batch_size=16", "monitor.knn_every_epochs=0"], "linear_epochs": 5}
 
 
@@ -99,21 +109,32 @@ def export_random_init(path: Path, arch: str, stem: str, width: int, seed: int =
 # ---------------------------------------------------------------------------------------------------- evaluation
 
 
-def eval_overrides(data_root: str, linear_epochs: int) -> list[str]:
-    return [f"data={DATASET}", f"data.root={data_root}", f"knn_k={KNN_K}", f"linear.epochs={linear_epochs}",
-            "data.loader.device=cpu"]
+def eval_overrides(data_root: str, protocol: str, linear_epochs: int | None) -> list[str]:
+    """The default protocol with the demo's k and probe epochs; a paper's protocol with its own (unless
+    --linear-epochs is given)."""
+    base = [f"data={DATASET}", f"data.root={data_root}", "data.loader.device=cpu", f"protocol={protocol}"]
+    if protocol == "default":
+        return [*base, f"knn_k={KNN_K}", f"linear.epochs={linear_epochs or LINEAR_EPOCHS}"]
+    return [*base, *([f"linear.epochs={linear_epochs}"] if linear_epochs else [])]
 
 
-def evaluate_encoder(encoder: Path | str, out: Path, data_root: str, linear_epochs: int,
+def evaluate_encoder(encoder: Path | str, out: Path, data_root: str, protocol: str, linear_epochs: int | None,
                      module: torch.nn.Module | None = None) -> dict:
-    """The real evaluator (pipeline.evaluate.evaluate) on an exported encoder, or on `module` named `encoder`;
-    writes its JSON to `out`."""
+    """The real evaluator (pipeline.evaluate.evaluate) on an exported encoder, or on `module` named `encoder`, under
+    `protocol`; writes its JSON to `out`."""
     from pipeline.evaluate import evaluate, write_results
 
-    cfg = load("evaluate", [*eval_overrides(data_root, linear_epochs), f"encoder={encoder}", f"output={out}"])
+    cfg = load("evaluate", [*eval_overrides(data_root, protocol, linear_epochs), f"encoder={encoder}",
+                            f"output={out}"])
     results = evaluate(cfg, module)
     write_results(cfg, results)
     return results
+
+
+def scores(results: dict) -> dict:
+    """The table's figures of one evaluation, in percent."""
+    return {"linear_top1": 100 * results["linear"]["top1"], "knn_top1": 100 * results["knn"]["top1"],
+            "knn_k": results["knn"]["k"], "samples": (results["train_samples"], results["test_samples"])}
 
 
 class RawPixels(torch.nn.Flatten):
@@ -125,20 +146,63 @@ class RawPixels(torch.nn.Flatten):
 # ---------------------------------------------------------------------------------------------------- table
 
 
-def format_table(rows: list[dict]) -> str:
-    lines = ["| method | linear top-1 | kNN top-1 | pretrain s |", "|---|---:|---:|---:|"]
-    for r in rows:
-        secs = f"{r['pretrain_seconds']:.0f}" if r["pretrain_seconds"] is not None else "-"
-        lines.append(f"| {NAMES.get(r['method'], r['method'])} | {r['linear_top1']:.2f} | {r['knn_top1']:.2f} "
-                     f"| {secs} |")
+def summarise(rows: list[dict], protocols: list[str]) -> dict:
+    """method -> {"seeds": n, "pretrain_seconds": mean or None, protocol: {figure: (mean, sd)}} over its rows (the
+    seeds); sd is the sample standard deviation (0 for one seed)."""
+    summary = {}
+    for method in dict.fromkeys(r["method"] for r in rows):
+        mine = [r for r in rows if r["method"] == method]
+        secs = [r["pretrain_seconds"] for r in mine if r["pretrain_seconds"] is not None]
+        entry = {"seeds": len(mine), "pretrain_seconds": float(np.mean(secs)) if secs else None}
+        for protocol in protocols:
+            for figure in ("linear_top1", "knn_top1"):
+                values = np.array([r["results"][protocol][figure] for r in mine])
+                sd = float(values.std(ddof=1)) if len(values) > 1 else 0.0
+                entry.setdefault(protocol, {})[figure] = (float(values.mean()), sd)
+        summary[method] = entry
+    return summary
+
+
+def _cell(mean_sd: tuple[float, float], seeds: int) -> str:
+    return f"{mean_sd[0]:.2f}" if seeds == 1 else f"{mean_sd[0]:.2f} ± {mean_sd[1]:.2f}"
+
+
+def format_table(summary: dict, protocols: list[str], knn_k: dict[str, int]) -> str:
+    """One row per method; per protocol a linear-probe and a kNN column (its k named)."""
+    head = "".join(f" linear top-1 ({p}) | kNN top-1 k={knn_k[p]} ({p}) |" for p in protocols)
+    lines = [f"| method |{head} pretrain s |", "|---|" + "---:|" * (2 * len(protocols) + 1)]
+    for method, entry in summary.items():
+        cells = "".join(f" {_cell(entry[p][f], entry['seeds'])} |" for p in protocols for f in ("linear_top1",
+                                                                                               "knn_top1"))
+        secs = f"{entry['pretrain_seconds']:.0f}" if entry["pretrain_seconds"] is not None else "-"
+        lines.append(f"| {NAMES.get(method, method)} |{cells} {secs} |")
     return "\n".join(lines)
 
 
-def warnings_for(rows: list[dict]) -> list[str]:
-    by = {r["method"]: r for r in rows}
-    base = by["random_init"]["linear_top1"]
-    return [f"WARNING: {NAMES[m]} linear top-1 {by[m]['linear_top1']:.2f} does not beat the random-init encoder "
-            f"({base:.2f})" for m in METHODS if m in by and by[m]["linear_top1"] <= base]
+ORDERINGS = (("aasae", "vae", ">"), ("aag", "simclr", ">="))  # the papers' claims, on the linear probe
+
+
+def orderings(summary: dict, protocols: list[str]) -> list[str]:
+    """Whether each paper's ordering holds on the mean linear top-1, per protocol, for the pairs that were run."""
+    lines = []
+    for method, baseline, relation in ORDERINGS:
+        if method not in summary or baseline not in summary:
+            continue
+        for p in protocols:
+            (a, a_sd), (b, b_sd) = summary[method][p]["linear_top1"], summary[baseline][p]["linear_top1"]
+            holds = a > b if relation == ">" else a >= b
+            lines.append(f"{NAMES[method]} {relation} {NAMES[baseline]} on the linear probe ({p} protocol): "
+                         f"{a:.2f} ± {a_sd:.2f} vs {b:.2f} ± {b_sd:.2f} over {summary[method]['seeds']} seed(s): "
+                         f"{'holds' if holds else 'DOES NOT HOLD'}")
+    return lines
+
+
+def warnings_for(summary: dict, protocols: list[str]) -> list[str]:
+    base = summary["random_init"]
+    return [f"WARNING: {NAMES[m]} linear top-1 {summary[m][p]['linear_top1'][0]:.2f} ({p} protocol) does not beat "
+            f"the random-init encoder ({base[p]['linear_top1'][0]:.2f})"
+            for m in METHODS if m in summary for p in protocols
+            if summary[m][p]["linear_top1"][0] <= base[p]["linear_top1"][0]]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -150,7 +214,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--baselines", action="store_true", help="also pretrain the VAE and SimCLR baselines")
     p.add_argument("--quick", action="store_true",
                    help="2 training steps per method and a 5-epoch probe: checks the plumbing in about a minute")
-    p.add_argument("--linear-epochs", type=int, help=f"linear-probe epochs (default {LINEAR_EPOCHS}, --quick 5)")
+    p.add_argument("--linear-epochs", type=int,
+                   help=f"linear-probe epochs (default: {LINEAR_EPOCHS} for the default protocol, the papers' own "
+                        "for theirs; --quick 5)")
+    p.add_argument("--protocols", help="comma-separated evaluation protocols from default,aasae,aag (default: "
+                                       "default; with --baselines aasae,aag)")
+    p.add_argument("--seeds", type=int, default=1, help="train every method with seeds 0..N-1 (default 1)")
     p.add_argument("overrides", nargs="*", help="extra trainer overrides for every method, e.g. epochs=2")
     return p.parse_args(argv)
 
@@ -159,14 +228,17 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     methods = [m for m in args.methods.split(",") if m]
     methods += [m for m in ("vae", "simclr") if args.baselines and m not in methods]
+    protocols = [p for p in (args.protocols or ("aasae,aag" if args.baselines else "default")).split(",") if p]
     unknown = sorted(set(methods) - set(METHODS))
-    if unknown:
-        print(f"pipeline.demo: unknown methods {unknown}; choose from {list(METHODS)}", file=sys.stderr)
+    bad_protocols = sorted(set(protocols) - set(PROTOCOLS))
+    if unknown or bad_protocols or args.seeds < 1:
+        print(f"pipeline.demo: unknown methods {unknown} (choose from {list(METHODS)}), unknown protocols "
+              f"{bad_protocols} (choose from {list(PROTOCOLS)}), or --seeds {args.seeds} < 1", file=sys.stderr)
         return 2
     out = Path(args.out or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
     out.mkdir(parents=True, exist_ok=True)
     data_root = str(Path(args.data_root).resolve())
-    linear_epochs = args.linear_epochs or (QUICK["linear_epochs"] if args.quick else LINEAR_EPOCHS)
+    linear_epochs = args.linear_epochs or (QUICK["linear_epochs"] if args.quick else None)
     extra = [*(QUICK["train"] if args.quick else []), *args.overrides]
     started = time.perf_counter()
 
@@ -174,44 +246,59 @@ def main(argv=None) -> int:
     if ensure_shards(data_root):
         print(f"[demo] converted digits into {data_root} in {time.perf_counter() - tick:.0f} s", flush=True)
 
+    def evaluate_all(name: str, encoder: Path | str, module: torch.nn.Module | None = None) -> dict:
+        """name's figures under every protocol; eval_<name>[_<protocol>].json each."""
+        figures = {}
+        for p in protocols:
+            tag = name if protocols == ["default"] else f"{name}_{p}"
+            figures[p] = scores(evaluate_encoder(encoder, out / f"eval_{tag}.json", data_root, p, linear_epochs,
+                                                 module))
+        return figures
+
     rows = []
-    for method in methods:
-        run_dir = out / method
-        try:
-            seconds = train(method, run_dir, data_root, extra, out / f"train_{method}.log")
-        except RuntimeError as err:
-            print(f"pipeline.demo: {err}", file=sys.stderr)
-            return 1
-        res = evaluate_encoder(run_dir / "encoder.safetensors", out / f"eval_{method}.json", data_root, linear_epochs)
-        rows.append({"method": method, "linear_top1": 100 * res["linear"]["top1"], "knn_top1": 100 * res["knn"]["top1"],
-                     "pretrain_seconds": seconds, "run_dir": str(run_dir)})
-        print(f"[demo] {NAMES[method]}: linear {rows[-1]['linear_top1']:.2f}, kNN {rows[-1]['knn_top1']:.2f}, "
-              f"pretrained in {seconds:.0f} s", flush=True)
+    for seed in range(args.seeds):
+        for method in methods:
+            name = method if args.seeds == 1 else f"{method}_seed{seed}"
+            run_dir = out / name
+            seeded = [] if args.seeds == 1 else [f"seed={seed}"]
+            try:
+                seconds = train(method, run_dir, data_root, [*extra, *seeded], out / f"train_{name}.log")
+            except RuntimeError as err:
+                print(f"pipeline.demo: {err}", file=sys.stderr)
+                return 1
+            figures = evaluate_all(name, run_dir / "encoder.safetensors")
+            rows.append({"method": method, "seed": seed if seeded else None, "pretrain_seconds": seconds,
+                         "run_dir": str(run_dir), "results": figures})
+            print(f"[demo] {NAMES[method]}{f' seed {seed}' if seeded else ''}: "
+                  + ", ".join(f"{p}: linear {f['linear_top1']:.2f}, kNN {f['knn_top1']:.2f}"
+                              for p, f in figures.items()) + f"; pretrained in {seconds:.0f} s", flush=True)
 
     # the architecture (and seed) of the trained encoders: the presets share it, and the overrides apply to all
     ref = load("train", [f"experiment=demo_{methods[0] if methods else 'aasae'}", f"data.root={data_root}", *extra])
     random_path = export_random_init(out / "random_init" / "encoder.safetensors", ref.backbone.arch, ref.data.stem,
                                      ref.backbone.width, seed=ref.seed)
-    res = evaluate_encoder(random_path, out / "eval_random_init.json", data_root, linear_epochs)
-    rows.append({"method": "random_init", "linear_top1": 100 * res["linear"]["top1"],
-                 "knn_top1": 100 * res["knn"]["top1"], "pretrain_seconds": None, "run_dir": str(random_path.parent)})
-    res = evaluate_encoder("raw_pixels", out / "eval_raw_pixels.json", data_root, linear_epochs, RawPixels())
-    rows.append({"method": "raw_pixels", "linear_top1": 100 * res["linear"]["top1"],
-                 "knn_top1": 100 * res["knn"]["top1"], "pretrain_seconds": None, "run_dir": None})
+    rows.append({"method": "random_init", "seed": None, "pretrain_seconds": None,
+                 "run_dir": str(random_path.parent), "results": evaluate_all("random_init", random_path)})
+    rows.append({"method": "raw_pixels", "seed": None, "pretrain_seconds": None, "run_dir": None,
+                 "results": evaluate_all("raw_pixels", "raw_pixels", RawPixels())})
 
     total = time.perf_counter() - started
-    table = format_table(rows)
-    warnings = warnings_for(rows)
-    header = (f"augssl demo: {DATASET} ({res['train_samples']} train / {res['test_samples']} test), "
-              f"{ref.backbone.arch}, linear probe {linear_epochs} epochs, kNN k={KNN_K}"
-              f"{', QUICK (not a result)' if args.quick else ''}; total {total:.0f} s")
+    summary = summarise(rows, protocols)
+    table = format_table(summary, protocols, {p: rows[-1]["results"][p]["knn_k"] for p in protocols})
+    notes = [*orderings(summary, protocols), *warnings_for(summary, protocols)]
+    epochs = ", ".join(f"{p} {linear_epochs or (LINEAR_EPOCHS if p == 'default' else 'its own')}" for p in protocols)
+    train_samples, test_samples = rows[-1]["results"][protocols[0]]["samples"]
+    header = (f"augssl demo: {DATASET} ({train_samples} train / {test_samples} test), "
+              f"{ref.backbone.arch}, {args.seeds} seed(s){' (mean ± sd)' if args.seeds > 1 else ''}, "
+              f"linear-probe epochs: {epochs}{', QUICK (not a result)' if args.quick else ''}; total {total:.0f} s")
     (out / "results.json").write_text(json.dumps(
-        {"dataset": DATASET, "quick": args.quick, "linear_epochs": linear_epochs, "knn_k": KNN_K,
-         "train_overrides": extra, "total_seconds": total, "rows": rows, "warnings": warnings}, indent=1))
-    (out / "results.md").write_text(f"{header}\n\n{table}\n" + "".join(f"\n{w}\n" for w in warnings))
+        {"dataset": DATASET, "quick": args.quick, "seeds": args.seeds, "protocols": protocols,
+         "linear_epochs": linear_epochs, "train_overrides": extra, "total_seconds": total, "rows": rows,
+         "summary": summary, "notes": notes}, indent=1))
+    (out / "results.md").write_text(f"{header}\n\n{table}\n" + "".join(f"\n{n}\n" for n in notes))
     print(f"\n{header}\n{table}")
-    for w in warnings:
-        print(w)
+    for n in notes:
+        print(n)
     print(f"written to {out / 'results.md'} and {out / 'results.json'}")
     return 0
 
