@@ -4,7 +4,7 @@ exported encoder with the real evaluator, evaluates a randomly initialised encod
 raw pixels with the same protocol, and prints a table:
 
     python -m pipeline.demo                       # AASAE and AAG: minutes on 2 CPU cores
-    python -m pipeline.demo --baselines           # also the VAE and SimCLR baselines (a few minutes more)
+    python -m pipeline.demo --baselines           # also the VAE and SimCLR baselines, under both papers' protocols
     python -m pipeline.demo --methods aag         # any subset of aasae,aag,vae,simclr
     python -m pipeline.demo --quick               # seconds of training: checks the plumbing, not the claim
     python -m pipeline.demo --baselines --seeds 3 # the papers' orderings: both papers' protocols, 3 seeds each
