@@ -15,9 +15,9 @@ Augmentations (torchvision semantics for the parameters; docs/methods.md says wh
   with p = 0.8, grayscale p = 0.2, Gaussian blur p = 0.5 (sigma 0.1-2, window 10% of the side) where the dataset
   blurs. Small images: s = 0.5, no blur; STL-10 and ImageNet: s = 1, blur.
 - crop_jitter: random resized crop (0.2-1), colour jitter (0.4, 0.4, 0.4, 0.4) always, grayscale 0.2, flip; no blur.
-- randaugment: random resized crop (0.2-1), flip, RandAugment(n, m) over the AAG authors' 18 operations and
-  magnitudes (aag_randaugment.py), with translations bounded to 30% of the side at the top magnitude (10% at m = 10),
-  so content stays inside the image: their 33 px shift at m = 10 blanks a 32 px view.
+- randaugment: random resized crop (0.2-1), flip, RandAugment(n, m) over the 18 operations and magnitudes of the
+  auxiliary-augmentation paper's code (randaugment_ops.py), with translations bounded to 30% of the side at the top
+  magnitude (10% at m = 10), so content stays inside the image: their 33 px shift at m = 10 blanks a 32 px view.
 - center_crop: resize the shorter side to size / eval_crop_fraction, centre crop `size` (CIFAR 32/32, STL-10 105/96,
   ImageNet 256/224): deterministic, the evaluation transform and a reconstruction target.
 - crop_flip: random resized crop (0.08-1) and flip (linear-probe training).
@@ -33,7 +33,7 @@ from nvidia.dali import fn, types
 from nvidia.dali import math as dmath
 
 from ..datasets import DatasetInfo
-from . import aag_randaugment
+from . import randaugment_ops
 
 BLUR_SIGMA = (0.1, 2.0)
 BLUR_MAX_TAPS = 13
@@ -162,13 +162,13 @@ def draw_params(spec: ViewSpec, u: np.ndarray, height: np.ndarray, width: np.nda
     p[:, SIGMA] = _scaled(u[:, U_SIGMA], *BLUR_SIGMA)
     if spec.randaugment:
         n, m = spec.randaugment
-        ops = len(aag_randaugment.OPS)
+        ops = len(randaugment_ops.OPS)
         p[:, RANDAUGMENT : RANDAUGMENT + n] = np.floor(u[:, U_RANDAUGMENT : U_RANDAUGMENT + n] * ops)
         p[:, RANDAUGMENT + n : RANDAUGMENT + 2 * n] = u[:, U_RANDAUGMENT + n : U_RANDAUGMENT + 2 * n] < 0.5
         for level in range(n):
             centre = u[:, U_RANDAUGMENT + 2 * n + 2 * level : U_RANDAUGMENT + 2 * n + 2 * level + 2]
             box = RANDAUGMENT + 2 * n + 4 * level
-            p[:, box : box + 4] = aag_randaugment.cutout_boxes(centre, spec.size, m)
+            p[:, box : box + 4] = randaugment_ops.cutout_boxes(centre, spec.size, m)
     return p
 
 
@@ -209,14 +209,14 @@ def _blur(images, spec: ViewSpec, params):
 
 
 def _randaugment(images, spec: ViewSpec, params):
-    """RandAugment(n, m) over the AAG authors' operations, with the operations, magnitude signs and Cutout boxes
-    drawn in draw_params (DALI's apply_rand_augment, with its random draws replaced by those)."""
+    """RandAugment(n, m) over the operations of randaugment_ops.py, with the operations, magnitude signs and Cutout
+    boxes drawn in draw_params (DALI's apply_rand_augment, with its random draws replaced by those)."""
     n, m = spec.randaugment
     for level in range(n):
         op = fn.cast(params[RANDAUGMENT + level], dtype=types.INT32)
         sign = fn.cast(params[RANDAUGMENT + n + level], dtype=types.INT32)
         box = RANDAUGMENT + 2 * n + 4 * level
-        images = aag_randaugment.apply(images, op, sign, params[box : box + 4], m, spec.size)
+        images = randaugment_ops.apply(images, op, sign, params[box : box + 4], m, spec.size)
     return images
 
 

@@ -10,7 +10,7 @@ import pytest
 from nvidia.dali import fn, pipeline_def, types
 from PIL import Image, ImageDraw, ImageEnhance, ImageFilter, ImageOps
 
-from pipeline.data.loading import aag_randaugment
+from pipeline.data.loading import randaugment_ops
 from pipeline.data.loading.augmentations import U_RANDAUGMENT, Output, ViewSpec, draw_params, random_view, uniform_count
 
 SIZE, M, IMAGES = 32, 10, 3
@@ -95,7 +95,7 @@ def run_dali(images: np.ndarray, params: np.ndarray) -> np.ndarray:
 
 def test_every_operation_is_the_authors_at_its_place_and_magnitude():
     rng = np.random.default_rng(0)
-    names, count = aag_randaugment.NAMES, len(aag_randaugment.OPS)
+    names, count = randaugment_ops.NAMES, len(randaugment_ops.OPS)
     assert list(REFERENCE) == list(names) and count == len(names) == 18
     images = np.tile(smooth_images(rng), (2 * count, 1, 1, 1))
     rows = len(images)
@@ -123,7 +123,7 @@ def test_every_operation_is_the_authors_at_its_place_and_magnitude():
 @pytest.mark.parametrize("magnitude_bin", [0, 10, 30])
 def test_cutout_box_is_their_rectangle_clipped_to_the_image(magnitude_bin):
     u = np.array([[0.0, 0.0], [1.0, 1.0], [0.5, 0.25]])  # centres at the far corner (nothing left at m = 0), near
-    boxes = aag_randaugment.cutout_boxes(u, SIZE, magnitude_bin)  # the origin, inside
+    boxes = randaugment_ops.cutout_boxes(u, SIZE, magnitude_bin)  # the origin, inside
     v = magnitude_bin / 30 * 40
     for (y, x), (top, left, height, width) in zip(SIZE - (SIZE - 1) * u, boxes.astype(int)):
         theirs = Image.new("L", (SIZE, SIZE))

@@ -1,4 +1,5 @@
-"""The AAG authors' RandAugment, as DALI augmentations for auto_aug's `select`: the auxiliary view `w` of AAG.
+"""RandAugment as the auxiliary-augmentation paper's code has it (Tu, Feng and Yang, 2020), as DALI augmentations for
+auto_aug's `select`: the `randaugment` augmentation's operations.
 
 Their code (AVA_cifar: mindspore-ai/models, research/cv/AVA_cifar/src/RandAugment/augmentations.py, `augment_list`)
 draws n = 2 operations uniformly from 18, each at val = m / 30 * (max - min) + min with m = 10, and a random sign for
