@@ -152,8 +152,11 @@ augssl_requeue_or_exit() {
     exit 0
   fi
   if [ "$status" = stopped ]; then
-    augssl_log "the trainer checkpointed and stopped before the end of the run; exiting 143 (to continue it, submit" \
-               "again with AUGSSL_RUN_DIR=$RUN_DIR)"
+    # after Slurm's SIGTERM: preemption, `scontrol requeue` and a node failure requeue the job (--requeue), scancel
+    # does not
+    augssl_log "the trainer stopped before the end of the run (status.json: stopped); exiting 143. If Slurm" \
+               "requeues the job, the next attempt resumes from the newest checkpoint; otherwise continue it with" \
+               "AUGSSL_RUN_DIR=$RUN_DIR sbatch ..."
     exit 143
   fi
   exit "$rc"
@@ -210,6 +213,8 @@ augssl_train() {
     *) augssl_die "AUGSSL_LAUNCHER=$launcher: use torchrun or srun" ;;
   esac
   augssl_log "overrides: ${overrides[*]}"
+  augssl_log "network (slurm/site.sh): GLOO_SOCKET_IFNAME=${GLOO_SOCKET_IFNAME:-(unset: the address of the hostname)}" \
+             "NCCL_SOCKET_IFNAME=${NCCL_SOCKET_IFNAME:-(unset: NCCL chooses)}"
 
   local rc=0 before
   before="$(augssl_newest_checkpoint)"

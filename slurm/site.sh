@@ -17,10 +17,14 @@
 # config's default data.root (data/<dataset> in the checkout).
 : "${AUGSSL_DATA_ROOT:=}"
 
-# --- NCCL and the network: the one place for them ---------------------------------------------------------------
-# The interface the nodes reach each other on, when NCCL's guess is wrong (`ip addr` on a compute node): ib0, bond0,
-# eth0, ... Leave empty to let NCCL choose.
+# --- the network between the nodes, for NCCL (GPUs) and gloo (CPU collectives): the one place for them ---------
+# The interface the nodes reach each other on (`ip addr` on a compute node): ib0, bond0, eth0, ... Set it when the
+# libraries' own choice is wrong. Unset, gloo takes the address the node's hostname resolves to, which on
+# Debian/Ubuntu images is often 127.0.1.1 (/etc/hosts): the other nodes cannot reach it, and the job hangs while the
+# process group connects, failing only after gloo's retries (several times dist.timeout_s). NCCL takes the first
+# non-loopback interface, which can be a docker bridge or a management network. Empty: let each library choose.
 : "${NCCL_SOCKET_IFNAME:=}"
+: "${GLOO_SOCKET_IFNAME:=}"
 # InfiniBand: the HCAs to use (e.g. mlx5), or NCCL_IB_DISABLE=1 on clusters without IB.
 : "${NCCL_IB_HCA:=}"
 : "${NCCL_IB_DISABLE:=}"
@@ -28,8 +32,8 @@
 # a rank that hits a NCCL error or timeout takes the job down instead of hanging until the time limit
 : "${TORCH_NCCL_ASYNC_ERROR_HANDLING:=1}"
 : "${TORCH_NCCL_BLOCKING_WAIT:=}"
-for _var in NCCL_SOCKET_IFNAME NCCL_IB_HCA NCCL_IB_DISABLE NCCL_DEBUG TORCH_NCCL_ASYNC_ERROR_HANDLING \
-            TORCH_NCCL_BLOCKING_WAIT; do
+for _var in NCCL_SOCKET_IFNAME GLOO_SOCKET_IFNAME NCCL_IB_HCA NCCL_IB_DISABLE NCCL_DEBUG \
+            TORCH_NCCL_ASYNC_ERROR_HANDLING TORCH_NCCL_BLOCKING_WAIT; do
   if [ -n "${!_var}" ]; then export "${_var?}"; else unset "$_var"; fi
 done
 unset _var

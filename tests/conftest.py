@@ -11,6 +11,13 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 # The suite runs on the CPU (gloo) also on a GPU machine, so that it passes there unchanged; tests marked for a GPU
 # ask for CUDA themselves. DeepSpeed picks its accelerator when first imported, so it is told here too.
 os.environ.setdefault("AUGSSL_DEVICE", "cpu")
+# Subprocesses (torchrun workers, Slurm jobs, the simulated pods) find this environment's tools first, as the pods
+# always did: DeepSpeed JIT-builds its CPU op with the first `ninja` on PATH, and the venv's (1.13) and a system one
+# (1.11) hash the same build command differently, so the op was rebuilt (a minute or two on 2 cores) whenever jobs
+# that found different ones took turns.
+_bin = str(Path(sys.executable).parent)
+if os.environ.get("PATH", "").split(os.pathsep)[0] != _bin:
+    os.environ["PATH"] = os.pathsep.join(filter(None, [_bin, os.environ.get("PATH")]))
 if os.environ["AUGSSL_DEVICE"] == "cpu":
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
 

@@ -5,11 +5,17 @@ the ConfigMap (envFrom), the env list with Kubernetes' $(VAR) expansion and down
 controller injects (the training-operator's MASTER_ADDR/MASTER_PORT/RANK/WORLD_SIZE/PET_* for PyTorchJob replicas, the
 completion index for Indexed Job pods). Two replicas on the CPU must train together.
 
-The pods' DNS names (<job>-master-0, <job>-0.<service>) are made to resolve to 127.0.0.1 by running each replica in
-a private mount namespace with its own /etc/hosts (as root); where that is impossible they are replaced by
-127.0.0.1 in the environment. The container paths /opt/augssl (the image's checkout) and the entrypoint map to this
-checkout; /tmp is the local /tmp. Test-harness additions: PATH (this venv), OMP_NUM_THREADS=1 and
-GLOO_SOCKET_IFNAME=lo (keep gloo on the loopback interface).
+Each pod runs on a host of its own (tests/helpers/netns_hosts.py, as root): a network namespace with its own address
+on a private subnet, the pod's name as its hostname, and an /etc/hosts where the names the cluster's DNS would serve
+(<job>-master-0, the operator's Service of the Master; <job>-0.<service>, pod 0 behind the headless Service) resolve
+to the address of the host of the pod they name, and the pod's own hostname to its own address, as the kubelet
+writes it. The pods' GLOO_SOCKET_IFNAME and NCCL_SOCKET_IFNAME come from the ConfigMap (k8s/base/params.env), which
+the CPU overlay points at the hosts' interface, so a wrong value there fails the run. The PyTorchJob and the
+Indexed Job need the hosts (they fail under CI without them, and skip elsewhere); the other cases run without them
+too, in one private network namespace with only a loopback interface (or none) and the DNS names on 127.0.0.1.
+
+The container paths /opt/augssl (the image's checkout) and the entrypoint map to this checkout; /tmp is the local
+/tmp. Test-harness additions: PATH (this venv), OMP_NUM_THREADS=1 and, without the hosts, GLOO_SOCKET_IFNAME=lo.
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ from tests.helpers.k8s_tools import (
     require_k8s_tools,
     validation_errors,
 )
+from tests.helpers.netns_hosts import IFNAME, HostsUnavailable, NetnsHosts, environ, tcp_peers
 from tests.helpers.processes import descendants
 
 pytestmark = pytest.mark.slow
@@ -100,16 +107,18 @@ CAN_UNSHARE = _can_unshare()
 
 
 class Cluster:
-    """The pods of one job on this machine. Where possible (root) they share a private network namespace with only
-    a loopback interface, as the pods of a job share the cluster network: the fixed ports of the manifests (23456,
-    29500) cannot collide with anything else on the machine, and nothing leaves it. Every process started for it
-    carries a marker in its environment, so `close()` ends exactly those (by PID), orphans included."""
+    """The pods of one job on this machine. With `hosts`, each pod runs on its own host (its replica's rank: the
+    Master or pod 0 on the first). Otherwise, where possible (root), they share a private network namespace with
+    only a loopback interface. Either way the fixed ports of the manifests (23456, 29500) cannot collide with anything
+    else on the machine, and nothing leaves it. Every process started for it carries a marker in its environment, so
+    `close()` ends exactly those (by PID), orphans included."""
 
-    def __init__(self, root: Path):
-        self.root, self.replicas = root, []
+    def __init__(self, root: Path, hosts: NetnsHosts | None = None):
+        self.root, self.replicas, self.hosts = root, [], hosts
+        self.ifname = IFNAME if hosts is not None else "lo"  # what the CPU overlay puts into the ConfigMap
         self.marker = f"{os.getpid()}-{time.monotonic_ns()}"
         self.holder = None
-        if CAN_UNSHARE:
+        if CAN_UNSHARE and hosts is None:
             holder = subprocess.Popen(["unshare", "--net", "sleep", "3600"], stdin=subprocess.DEVNULL)
             netns = f"/proc/{holder.pid}/ns/net"
             deadline = time.monotonic() + 10
@@ -125,10 +134,20 @@ class Cluster:
                 holder.wait()
 
     def start(self, name: str, argv: list[str], env: dict[str, str], workdir: Path, hosts: list[str],
-              bin_dir: Path) -> "Replica":
-        replica = Replica(self, name, argv, env, workdir, hosts, bin_dir)
+              bin_dir: Path, host: int = 0) -> "Replica":
+        """Start pod `name`; the DNS names `hosts` resolve to the first pod's address (the rendezvous pod's); with
+        hosts, the pod runs on host number `host`."""
+        replica = Replica(self, name, argv, env, workdir, hosts, bin_dir, host)
         self.replicas.append(replica)
         return replica
+
+    def require_hosts(self) -> NetnsHosts:
+        if self.hosts is None:
+            why = f"a pod per host needs network namespaces ({self.no_hosts})"
+            if os.environ.get("CI"):
+                pytest.fail(f"{why} (CI is set: this test must run)")
+            pytest.skip(why)
+        return self.hosts
 
     def _own_processes(self) -> list[int]:
         needle = f"AUGSSL_TEST_CLUSTER={self.marker}".encode()
@@ -164,15 +183,22 @@ class Replica:
     """One pod's container, started as a local process."""
 
     def __init__(self, cluster: Cluster, name: str, argv: list[str], env: dict[str, str], workdir: Path,
-                 hosts: list[str], bin_dir: Path):
+                 hosts: list[str], bin_dir: Path, host: int = 0):
         self.name, self.argv, self.env = name, argv, env
         self.log_path = cluster.root / f"{name}.log"
         while self.log_path.exists():  # a second attempt of the same pod
             self.log_path = self.log_path.with_name(self.log_path.stem + "+.log")
         full_env = {"PATH": f"{bin_dir}:{Path(sys.executable).parent}:/usr/sbin:/usr/bin:/sbin:/bin",
-                    "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", "AUGSSL_TEST_CLUSTER": cluster.marker, **env}
+                    "OMP_NUM_THREADS": "1", "AUGSSL_TEST_CLUSTER": cluster.marker,
+                    **({"GLOO_SOCKET_IFNAME": "lo"} if cluster.hosts is None else {}), **env}
         cmd = list(argv)
-        if hosts and CAN_UNSHARE:
+        self.host = None
+        if cluster.hosts is not None:  # the pod's own host: its name as hostname, the job's names on pod 0's host
+            self.host = cluster.hosts[host]
+            cluster.hosts.rename(self.host, name)
+            cluster.hosts.add_names({h: cluster.hosts[0] for h in hosts})
+            cmd = cluster.hosts.command(self.host, cmd, workdir)
+        elif hosts and CAN_UNSHARE:
             hosts_file = self.log_path.with_suffix(".hosts")
             # as in a pod: localhost, the pod's own hostname (here the machine's), and the names of the job's pods
             hosts_file.write_text(f"127.0.0.1 localhost\n127.0.0.1 {socket.gethostname()}\n"
@@ -209,15 +235,36 @@ def _replace_hosts(value: str, hosts: list[str]) -> str:
     return value
 
 
-@pytest.fixture
-def cluster(tmp_path):
+def _cluster(tmp_path: Path, host_names: list[str]):
     logs = tmp_path / "logs"
     logs.mkdir()
-    c = Cluster(logs)
+    hosts, why = None, "no hosts asked for"
+    if host_names:
+        try:
+            hosts = NetnsHosts(tmp_path / "hosts", host_names).start()
+        except HostsUnavailable as e:
+            why = str(e)
+    c = Cluster(logs, hosts)
+    c.no_hosts = why
     try:
         yield c
     finally:
         c.close()
+        if hosts is not None:
+            hosts.close()
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    """The pods' "cluster": two hosts where network namespaces can be made (as root), one namespace otherwise."""
+    yield from _cluster(tmp_path, ["pod-0", "pod-1"])
+
+
+@pytest.fixture
+def one_namespace(tmp_path):
+    """The pods' "cluster" as one private network namespace, no hosts: for the elastic job, whose pods (up to 3) come
+    and go, and whose rendezvous store is served by whichever agent binds its port first."""
+    yield from _cluster(tmp_path, [])
 
 
 def run_all(replicas: list[Replica], timeout: float = RUN_TIMEOUT) -> list[int]:
@@ -293,7 +340,7 @@ def pytorchjob_replicas(cluster: Cluster, resources: list[dict], bin_dir: Path, 
             env = container_env(c, config_maps=maps, secrets=secrets or {}, labels=labels,
                                 annotations=pod["metadata"].get("annotations", {}), injected=injected)
             replicas.append(cluster.start(f"{name}-{rtype.lower()}-{index}", container_argv(c, env), env,
-                                          _workdir(c), hosts, bin_dir))
+                                          _workdir(c), hosts, bin_dir, host=len(replicas)))
     return replicas
 
 
@@ -315,7 +362,8 @@ def indexed_job_pods(cluster: Cluster, resources: list[dict], job_kind_component
         annotations = {**pod["metadata"].get("annotations", {}), "batch.kubernetes.io/job-completion-index": str(index)}
         env = container_env(c, config_maps=maps, secrets={}, labels=labels, annotations=annotations,
                             injected=[("JOB_COMPLETION_INDEX", str(index))])
-        pods.append(cluster.start(f"{name}-{index}", container_argv(c, env), env, _workdir(c), hosts, bin_dir))
+        pods.append(cluster.start(f"{name}-{index}", container_argv(c, env), env, _workdir(c), hosts, bin_dir,
+                                  host=index))
     return pods
 
 
@@ -339,10 +387,29 @@ def append_args(prefix: str, args: list[str]) -> list[dict]:
     return [{"op": "add", "path": f"{prefix}/args/-", "value": a} for a in args]
 
 
-def training_literals(data_root: Path, run_root: Path) -> list[str]:
-    """The params.env values a training pod here runs with: these shards and runs, no W&B, a one-minute grace."""
+def training_literals(data_root: Path, run_root: Path, cluster: Cluster) -> list[str]:
+    """The params.env values a training pod here runs with: these shards and runs, no W&B, a one-minute grace, the
+    socket interface settings on the hosts' interface (without hosts: the loopback)."""
     return [f"AUGSSL_DATA_ROOT={data_root}", f"AUGSSL_RUN_ROOT={run_root}", "AUGSSL_LOGGER=none",
-            "AUGSSL_SHUTDOWN_TIMEOUT=60"]
+            "AUGSSL_SHUTDOWN_TIMEOUT=60", f"GLOO_SOCKET_IFNAME={cluster.ifname}",
+            f"NCCL_SOCKET_IFNAME={cluster.ifname}"]
+
+
+def assert_pods_talk_across_hosts(cluster: Cluster, replicas: list[Replica], rendezvous: str) -> None:
+    """The second pod runs on its own host under its pod name, the rendezvous name resolves there to the first pod's
+    address, its trainer has the ConfigMap's interface settings, and talks to the first pod's address."""
+    hosts = cluster.require_hosts()
+    first, second = replicas[0].host, replicas[1].host
+    trainers = hosts.trainers(second)
+    assert trainers, report(replicas)
+    peers = tcp_peers(trainers)
+    env = environ(trainers[0])
+    assert env["GLOO_SOCKET_IFNAME"] == IFNAME and env["NCCL_SOCKET_IFNAME"] == IFNAME
+    assert (second.addr, first.addr) in peers, peers
+    names = hosts.run(second, ["sh", "-c", f"hostname; getent hosts {rendezvous}"], capture_output=True, text=True,
+                      timeout=30).stdout.split()
+    assert names[0] == replicas[1].name and names[1] == first.addr, names
+    assert all(remote in (first.addr, "127.0.0.1") for _, remote in peers), peers
 
 
 def one_cpu_trainer(overlay: Path, container: str, args: list[str]) -> list[dict]:
@@ -371,14 +438,16 @@ def report(replicas: list[Replica]) -> str:
 
 
 def test_pytorchjob_replicas_train_together_and_resume_after_pod_deletion(tmp_path, digits, bin_dir, cluster):
-    """overlays/imagenet-aasae with 1 process per pod: Master + Worker train over torchrun's PET_* rendezvous on
-    <job>-master-0. Deleting the Worker pod (SIGTERM to its PID 1) checkpoints and stops both replicas with 143,
-    never "succeeded"; the recreated replicas resume from that checkpoint and finish with 0."""
+    """overlays/imagenet-aasae with 1 process per pod, Master and Worker each on a host of its own: they train over
+    torchrun's PET_* rendezvous on <job>-master-0 (the Master's address), gloo between the hosts' addresses.
+    Deleting the Worker pod (SIGTERM to its PID 1) checkpoints and stops both replicas with 143, never "succeeded";
+    the recreated replicas resume from that checkpoint and finish with 0."""
+    cluster.require_hosts()
     runs = tmp_path / "runs"
     prefix = "/spec/pytorchReplicaSpecs/{}/template/spec/containers/0"
     resources = cpu_overlay(
         tmp_path, K8S / "overlays" / "imagenet-aasae",
-        training_literals(digits, runs),
+        training_literals(digits, runs, cluster),
         [{"target": {"kind": "PyTorchJob"}, "patch": dump(tmp_path / "p.yaml", [
             {"op": "replace", "path": "/spec/nprocPerNode", "value": "1"},
             env_patch(K8S / "overlays" / "imagenet-aasae", prefix.format("Master"), "TORCH_EXTENSIONS_DIR",
@@ -397,6 +466,8 @@ def test_pytorchjob_replicas_train_together_and_resume_after_pod_deletion(tmp_pa
         assert all(r.proc.poll() is None for r in first), report(first)
         time.sleep(0.2)
     assert checkpoints(run_dir), report(first)
+    assert first[1].env["PET_MASTER_ADDR"] == f"{job}-master-0"
+    assert_pods_talk_across_hosts(cluster, first, f"{job}-master-0")
     os.kill(first[1].entrypoint_pid(), signal.SIGTERM)  # kubectl delete pod <job>-worker-0
     codes = run_all(first)
     assert codes == [143, 143], report(first)
@@ -420,27 +491,34 @@ def test_pytorchjob_replicas_train_together_and_resume_after_pod_deletion(tmp_pa
 
 
 def test_indexed_job_pods_train_together(tmp_path, digits, bin_dir, cluster):
-    """overlays/indexed-imagenet-aasae with 1 process per pod: pod i runs torchrun as node i (its completion index),
-    the rendezvous on <job>-0.<service>; both pods finish with 0 and one run directory holds the checkpoints."""
+    """overlays/indexed-imagenet-aasae with 1 process per pod, each pod on a host of its own: pod i runs torchrun as
+    node i (its completion index), the rendezvous on <job>-0.<service>, which resolves to pod 0's address; both pods
+    finish with 0 and one run directory holds the checkpoints."""
+    cluster.require_hosts()
     runs = tmp_path / "runs"
     c0 = "/spec/template/spec/containers/0"
     resources = cpu_overlay(
         tmp_path, K8S / "overlays" / "indexed-imagenet-aasae",
-        training_literals(digits, runs),
+        training_literals(digits, runs, cluster),
         [{"target": {"kind": "Job"}, "patch": dump(tmp_path / "p.yaml", [
             {"op": "replace", "path": f"{c0}/env/1", "value": {"name": "NPROC_PER_NODE", "value": "1"}},
             *one_cpu_trainer(K8S / "overlays" / "indexed-imagenet-aasae", c0,
-                            ["max_steps=6", "checkpoint.every_steps=3"])]).read_text()}])
+                            ["max_steps=10", "checkpoint.every_steps=5"])]).read_text()}])
     job = by_kind(resources, "Job")[0]["metadata"]["name"]
     pods = indexed_job_pods(cluster, resources, "train", bin_dir)
     assert pods[0].env["MASTER_ADDR"] == f"{job}-0.{job}"  # what the pod's DNS must resolve
     assert [p.env["JOB_COMPLETION_INDEX"] for p in pods] == ["0", "1"]
     assert "--node-rank=1" in pods[1].argv and "--nnodes=2" in pods[1].argv
+    run_dir = runs / job
+    deadline = time.monotonic() + 240
+    while not ((run_dir / "metrics.jsonl").exists() and (run_dir / "metrics.jsonl").read_text()) and \
+            time.monotonic() < deadline and all(p.proc.poll() is None for p in pods):
+        time.sleep(0.1)  # until both ranks have taken a step together
+    assert_pods_talk_across_hosts(cluster, pods, f"{job}-0.{job}")
     codes = run_all(pods)
     assert codes == [0, 0], report(pods)
-    run_dir = runs / job
-    assert sorted(checkpoints(run_dir)) == [3, 6] and checkpoints(run_dir)[6]["world_size"] == 2, report(pods)
-    assert steps_logged(run_dir) == list(range(1, 7))
+    assert sorted(checkpoints(run_dir)) == [5, 10] and checkpoints(run_dir)[10]["world_size"] == 2, report(pods)
+    assert steps_logged(run_dir) == list(range(1, 11))
     assert (run_dir / "encoder.safetensors").exists()
 
 
@@ -452,7 +530,7 @@ def test_a_finished_run_without_export_exits_0_also_when_its_pod_is_restarted(tm
     c0 = "/spec/template/spec/containers/0"
     resources = cpu_overlay(
         tmp_path, K8S / "overlays" / "indexed-imagenet-aasae",
-        training_literals(digits, runs),
+        training_literals(digits, runs, cluster),
         [{"target": {"kind": "Job"}, "patch": dump(tmp_path / "p.yaml", [
             {"op": "replace", "path": "/spec/completions", "value": 1},
             {"op": "replace", "path": "/spec/parallelism", "value": 1},
@@ -481,12 +559,13 @@ def rendezvous_host(replicas: list[Replica], port: int) -> Replica:
     return next(r for r in replicas if pids & {r.proc.pid, *descendants(r.proc.pid)})
 
 
-def test_elastic_pytorchjob_resumes_after_a_scale_down_and_a_scale_up(tmp_path, digits, bin_dir, cluster):
+def test_elastic_pytorchjob_resumes_after_a_scale_down_and_a_scale_up(tmp_path, digits, bin_dir, one_namespace):
     """overlays/imagenet-aasae-elastic as it ships (ZeRO 2, bf16; no SyncBatchNorm on the CPU), 1 process per pod, up
     to 3 pods. Two Workers train; one pod is lost (SIGKILL to its processes) and the other's torchrun restarts its
     trainer alone, which resumes from the checkpoint at world size 1; two pods are added, the running trainer
     checkpoints when torchrun restarts it for them, and the three resume at world size 3. Each resume converts the
     ZeRO 2 checkpoint: no "cannot re-partition", and every step is trained."""
+    cluster = one_namespace
     runs = tmp_path / "runs"
     overlay = K8S / "overlays" / "imagenet-aasae-elastic"
     prefix = "/spec/pytorchReplicaSpecs/Worker/template/spec/containers/0"
@@ -494,7 +573,7 @@ def test_elastic_pytorchjob_resumes_after_a_scale_down_and_a_scale_up(tmp_path, 
                                                               "data.batch_size=12", "dist.timeout_s=60",
                                                               "deepspeed.sync_batchnorm=false"])
                if op.get("value") != "deepspeed=zero0"]  # the overlay's own DeepSpeed setting, less SyncBatchNorm
-    resources = cpu_overlay(tmp_path, overlay, training_literals(digits, runs), [
+    resources = cpu_overlay(tmp_path, overlay, training_literals(digits, runs, cluster), [
         {"target": {"kind": "PyTorchJob"}, "patch": dump(tmp_path / "p.yaml", [
             {"op": "replace", "path": "/spec/elasticPolicy/nProcPerNode", "value": 1},
             {"op": "replace", "path": "/spec/elasticPolicy/maxReplicas", "value": 3},
