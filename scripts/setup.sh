@@ -18,3 +18,12 @@ fi
 .venv/bin/pip install --quiet torch==2.13.0
 .venv/bin/pip install --quiet -e ".[${extras}]"
 echo "setup: .venv ready ($(.venv/bin/python -c 'import torch; print("torch", torch.__version__)'))"
+# Without CUDA, DeepSpeed runs its collectives through a small C++ op it compiles on first use (about 25 s on 2
+# cores). Build it now, into $TORCH_EXTENSIONS_DIR (the Makefile points it into .venv), with the venv's ninja, so the
+# first training run does not stall on a compiler.
+if [ -n "${TORCH_EXTENSIONS_DIR:-}" ] && ! .venv/bin/python -c 'import sys, torch; sys.exit(torch.cuda.is_available())'; then
+  PATH="$PWD/.venv/bin:$PATH" DS_ACCELERATOR=cpu .venv/bin/python -c \
+    'from deepspeed.accelerator import get_accelerator; get_accelerator().create_op_builder("ShareMemCommBuilder").load(verbose=False)' \
+    > /dev/null
+  echo "setup: DeepSpeed's CPU op built in $TORCH_EXTENSIONS_DIR"
+fi

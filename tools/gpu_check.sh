@@ -16,6 +16,7 @@ slack=1  # the step limits below are the GPU's; the CPU dry run is slower and ma
 if [ "$DEV" = cpu ]; then
   PY=${PYTHON:-.venv/bin/python}
   slack=4
+  export PATH=$PWD/.venv/bin:$PATH  # the venv's ninja, as the tests use: another one rebuilds DeepSpeed's CPU op
   export AUGSSL_DEVICE=cpu DS_ACCELERATOR=cpu TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$PWD/.venv/torch_extensions}
 else
   PY=${PYTHON:-python3}
