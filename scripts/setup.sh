@@ -21,7 +21,8 @@ echo "setup: .venv ready ($(.venv/bin/python -c 'import torch; print("torch", to
 # Without CUDA, DeepSpeed runs its collectives through a small C++ op it compiles on first use (about 25 s on 2
 # cores). Build it now, into $TORCH_EXTENSIONS_DIR (the Makefile points it into .venv), with the venv's ninja, so the
 # first training run does not stall on a compiler.
-if [ -n "${TORCH_EXTENSIONS_DIR:-}" ] && ! .venv/bin/python -c 'import sys, torch; sys.exit(torch.cuda.is_available())'; then
+no_cuda='import sys, torch; sys.exit(int(torch.cuda.is_available()))'  # succeeds where there is no CUDA
+if [ -n "${TORCH_EXTENSIONS_DIR:-}" ] && .venv/bin/python -c "$no_cuda"; then
   PATH="$PWD/.venv/bin:$PATH" DS_ACCELERATOR=cpu .venv/bin/python -c \
     'from deepspeed.accelerator import get_accelerator; get_accelerator().create_op_builder("ShareMemCommBuilder").load(verbose=False)' \
     > /dev/null
