@@ -34,6 +34,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tests.helpers.processes import running
+
 PREFIX = "augssl"
 IFNAME = "lan0"  # the hosts' interface, on every host
 _counter = 0
@@ -68,13 +70,6 @@ def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     return out
 
 
-def _alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 def netns_pids(netns: str) -> list[int]:
     out = _ip("netns", "pids", netns, check=False)
     return [int(p) for p in out.stdout.split()] if out.returncode == 0 else []
@@ -87,7 +82,7 @@ def _kill(pids: list[int], timeout: float = 10) -> None:
         except ProcessLookupError:
             pass
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and any(_alive(p) for p in pids):
+    while time.monotonic() < deadline and any(running(p) for p in pids):
         time.sleep(0.05)
 
 
@@ -108,7 +103,7 @@ def clean_leftovers() -> list[str]:
     for line in out.stdout.splitlines():
         name = line.split()[0] if line.split() else ""
         m = re.fullmatch(rf"{PREFIX}-(\d+)-\d+-\w+", name)
-        if m and not _alive(int(m.group(1))):
+        if m and not running(int(m.group(1))):
             remove_netns(name)
             removed.append(name)
     return removed
