@@ -143,6 +143,28 @@ class RawPixels(torch.nn.Flatten):
     out_dim = 3 * 32 * 32
 
 
+# ---------------------------------------------------------------------------------------------------- resume
+
+
+def finished_row(out: Path, name: str, settings: dict) -> dict | None:
+    """The row `name` kept by an earlier run into `out` with the same settings, or None (then it is redone)."""
+    path = out / f"row_{name}.json"
+    if not path.is_file():
+        return None
+    kept = json.loads(path.read_text())
+    if kept.get("settings") != settings:
+        return None
+    print(f"[demo] {name}: reusing the finished row in {path}", flush=True)
+    return kept["row"]
+
+
+def keep_row(out: Path, name: str, settings: dict, row: dict) -> None:
+    """Write the finished row atomically, so that a stop mid-write leaves no half row to reuse."""
+    tmp = out / f".row_{name}.json.tmp"
+    tmp.write_text(json.dumps({"settings": settings, "row": row}, indent=1))
+    os.replace(tmp, out / f"row_{name}.json")
+
+
 # ---------------------------------------------------------------------------------------------------- table
 
 
@@ -246,6 +268,8 @@ def main(argv=None) -> int:
     if ensure_shards(data_root):
         print(f"[demo] converted digits into {data_root} in {time.perf_counter() - tick:.0f} s", flush=True)
 
+    settings = {"protocols": protocols, "linear_epochs": linear_epochs, "train_overrides": extra}
+
     def evaluate_all(name: str, encoder: Path | str, module: torch.nn.Module | None = None) -> dict:
         """name's figures under every protocol; eval_<name>[_<protocol>].json each."""
         figures = {}
@@ -261,26 +285,37 @@ def main(argv=None) -> int:
             name = method if args.seeds == 1 else f"{method}_seed{seed}"
             run_dir = out / name
             seeded = [] if args.seeds == 1 else [f"seed={seed}"]
+            row = finished_row(out, name, settings)
+            if row is not None:
+                rows.append(row)
+                continue
             try:
                 seconds = train(method, run_dir, data_root, [*extra, *seeded], out / f"train_{name}.log")
             except RuntimeError as err:
                 print(f"pipeline.demo: {err}", file=sys.stderr)
                 return 1
             figures = evaluate_all(name, run_dir / "encoder.safetensors")
-            rows.append({"method": method, "seed": seed if seeded else None, "pretrain_seconds": seconds,
-                         "run_dir": str(run_dir), "results": figures})
+            row = {"method": method, "seed": seed if seeded else None, "pretrain_seconds": seconds,
+                   "run_dir": str(run_dir), "results": figures}
+            keep_row(out, name, settings, row)
+            rows.append(row)
             print(f"[demo] {NAMES[method]}{f' seed {seed}' if seeded else ''}: "
                   + ", ".join(f"{p}: linear {f['linear_top1']:.2f}, kNN {f['knn_top1']:.2f}"
                               for p, f in figures.items()) + f"; pretrained in {seconds:.0f} s", flush=True)
 
     # the architecture (and seed) of the trained encoders: the presets share it, and the overrides apply to all
     ref = load("train", [f"experiment=demo_{methods[0] if methods else 'aasae'}", f"data.root={data_root}", *extra])
-    random_path = export_random_init(out / "random_init" / "encoder.safetensors", ref.backbone.arch, ref.data.stem,
-                                     ref.backbone.width, seed=ref.seed)
-    rows.append({"method": "random_init", "seed": None, "pretrain_seconds": None,
-                 "run_dir": str(random_path.parent), "results": evaluate_all("random_init", random_path)})
-    rows.append({"method": "raw_pixels", "seed": None, "pretrain_seconds": None, "run_dir": None,
-                 "results": evaluate_all("raw_pixels", "raw_pixels", RawPixels())})
+    for name, encoder, module in (("random_init", out / "random_init" / "encoder.safetensors", None),
+                                  ("raw_pixels", "raw_pixels", RawPixels())):
+        row = finished_row(out, name, settings)
+        if row is None:
+            if module is None:
+                export_random_init(encoder, ref.backbone.arch, ref.data.stem, ref.backbone.width, seed=ref.seed)
+            row = {"method": name, "seed": None, "pretrain_seconds": None,
+                   "run_dir": str(encoder.parent) if module is None else None,
+                   "results": evaluate_all(name, encoder, module)}
+            keep_row(out, name, settings, row)
+        rows.append(row)
 
     total = time.perf_counter() - started
     summary = summarise(rows, protocols)

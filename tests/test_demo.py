@@ -1,6 +1,7 @@
 """`python -m pipeline.demo --quick` end to end: converts the digits set into an empty folder, trains AASAE and AAG
 for two steps each through the real trainer entry point, evaluates each exported encoder, a random-init encoder and the
-raw pixels, and prints and writes the table with every row. Two steps prove nothing about accuracy: whether the
+raw pixels, and prints and writes the table with every row; run again into the same folder, it reuses every finished
+row instead of training or evaluating again. Two steps prove nothing about accuracy: whether the
 self-supervised encoders beat random init is the full demo's claim (its printed table), not asserted here."""
 
 import json
@@ -21,8 +22,8 @@ def test_quick_demo_converts_trains_evaluates_and_writes_the_table(tmp_path):
     data, out = tmp_path / "digits", tmp_path / "demo"
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-    proc = subprocess.run([sys.executable, "-m", "pipeline.demo", "--quick", "--data-root", str(data),
-                           "--out", str(out)], cwd=REPO, env=env, text=True, capture_output=True, timeout=600)
+    cmd = [sys.executable, "-m", "pipeline.demo", "--quick", "--data-root", str(data), "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, text=True, capture_output=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
     assert (data / "digits-train.manifest.json").is_file() and (data / "digits-test.manifest.json").is_file()
@@ -49,6 +50,14 @@ def test_quick_demo_converts_trains_evaluates_and_writes_the_table(tmp_path):
     for name in ROWS:
         assert f"| {NAMES[name]} |" in table and f"| {NAMES[name]} |" in proc.stdout
     assert "written to" in proc.stdout
+
+    again = subprocess.run(cmd, cwd=REPO, env=env, text=True, capture_output=True, timeout=600)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "pipeline.train" not in again.stdout
+    assert [line.split(":")[0] for line in again.stdout.splitlines() if "reusing the finished row" in line] == [
+        f"[demo] {name}" for name in ROWS]
+    assert [r["results"] for r in json.loads((out / "results.json").read_text())["rows"]] == [
+        r["results"] for r in results["rows"]]
 
 
 @pytest.mark.parametrize("method", METHODS)
