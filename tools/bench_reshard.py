@@ -2,14 +2,15 @@
 """Time and peak memory of converting a ZeRO checkpoint to DeepSpeed's universal layout, the step a resume at another
 world size pays once (pipeline/engine/checkpoint.py).
 
-    python tools/bench_reshard.py --shards data/digits                  # ResNet-50 AAG, ZeRO 2, AdamW, 2 CPU ranks
+    python tools/bench_reshard.py --shards data/digits                  # ResNet-50 AAG, ZeRO 2, LARS, 2 CPU ranks
+    python tools/bench_reshard.py --shards data/digits --optimizer adamw
 
 First `torchrun --nproc-per-node RANKS -m pipeline.train` trains one step (the smoke preset on the given digits
-shards with --backbone and --method, AdamW: DeepSpeed 0.19.8 converts Adam state only) and checkpoints: the real
-state of RANKS ranks. Then a fresh process converts that checkpoint exactly as a resume does (rank 0's
-Checkpoints._convert, one process) and reports the wall time of the conversion and the process's peak RSS, before
-it (torch and DeepSpeed imported) and after it (the difference is what the conversion itself adds), with the sizes
-on disk.
+shards with --backbone, --method and --optimizer; LARS is AAG's own, whose momentum is converted through a renamed
+staging copy, pipeline/engine/universal_state.py) and checkpoints: the real state of RANKS ranks. Then a fresh
+process converts that checkpoint exactly as a resume does (rank 0's Checkpoints._convert, one process) and reports
+the wall time of the conversion and the process's peak RSS, before it (torch and DeepSpeed imported) and after it
+(the difference is what the conversion itself adds), with the sizes on disk.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--backbone", default="resnet50", help="backbone config name (configs/backbone)")
     p.add_argument("--method", default="aag", choices=("aasae", "vae", "aag", "simclr"))
     p.add_argument("--stage", type=int, default=2, choices=(1, 2, 3), help="ZeRO stage")
+    p.add_argument("--optimizer", default="lars", choices=("lars", "adamw", "sgd", "adam"))
     p.add_argument("--ranks", type=int, default=2, help="CPU ranks that write the checkpoint")
     p.add_argument("--keep", help="write the run here and keep it (default: a temporary folder)")
     p.add_argument("--convert", help=argparse.SUPPRESS)  # internal: convert this checkpoint folder, print JSON
@@ -68,7 +70,8 @@ def run(args: argparse.Namespace, root: Path) -> dict:
     run_dir = root / "run"
     train = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(args.ranks),
              "-m", "pipeline.train", "experiment=smoke", f"method={args.method}", f"backbone={args.backbone}",
-             f"deepspeed=zero{args.stage}", "optimizer=adamw", f"data.root={args.shards}", f"run_dir={run_dir}",
+             f"deepspeed=zero{args.stage}", f"optimizer={args.optimizer}", f"data.root={args.shards}",
+             f"run_dir={run_dir}",
              "max_steps=1", f"data.batch_size={2 * args.ranks}", "logger=none", "logger.progress_bar=false",
              "monitor.knn_every_epochs=0", "logger.image_every_steps=0", "export_encoder=false"]
     started = time.perf_counter()
@@ -92,7 +95,7 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(args.keep or tmp)
         r = run(args, root)
-    print(f"{args.method} {args.backbone}, ZeRO {args.stage}, AdamW, {args.ranks} CPU ranks: checkpoint "
+    print(f"{args.method} {args.backbone}, ZeRO {args.stage}, {args.optimizer}, {args.ranks} CPU ranks: checkpoint "
           f"{r['checkpoint_mib']:.0f} MiB -> universal {r['universal_mib']:.0f} MiB")
     before, after = r["peak_rss_before_mib"], r["peak_rss_after_mib"]
     print(f"conversion: {r['seconds']:.1f} s; peak RSS of the converting process {after:.0f} MiB (torch and "

@@ -20,7 +20,8 @@ older ones with a warning until one passes; the verdict is broadcast, so all ran
 A ZeRO 1-3 checkpoint resumed at another world size is first converted, once, by rank 0, with DeepSpeed's own
 converter (deepspeed.checkpoint.ds_to_universal) into `<tag>/universal/`, a layout of whole parameters that any world
 size loads (`checkpoint.load_universal`). It is written under `<tag>/.universal-tmp/` and renamed into place, so an
-interrupted conversion leaves the tag as it was and the next resume redoes it.
+interrupted conversion leaves the tag as it was and the next resume redoes it. The converter knows only Adam's state
+names; SGD's and LARS's momentum travel under them (pipeline/engine/universal_state.py).
 """
 
 from __future__ import annotations
@@ -49,9 +50,6 @@ from pipeline.engine.run_status import now, replace_atomically
 log = logging.getLogger(__name__)
 MARKER = "COMPLETE.json"
 UNIVERSAL = "universal"  # inside a tag's folder: that checkpoint converted for any world size
-# DeepSpeed 0.19.8's converter and its ZeRO 3 loader read Adam's state by name (exp_avg, exp_avg_sq, step): other
-# optimizers' states (SGD's and LARS's momentum_buffer) cannot be converted (deepspeed#8608)
-RESHARDABLE = (torch.optim.Adam, torch.optim.AdamW)
 _TAG = re.compile(r"^step(\d{9})$")
 FORMAT = 2  # of experiment.json; format 1 (no "format" key) held experiment_name, method, backbone, dataset, stem
 _FORMAT_1_NAMES = {"dataset": "data.dataset", "stem": "data.stem", "image_size": "data.image_size"}
@@ -310,6 +308,7 @@ class Checkpoints:
 
     def load_latest(self, engine) -> Restored | None:
         """Restore weights, optimizer, schedule and this rank's RNG from the newest usable checkpoint, if any."""
+        from pipeline.engine import universal_state  # imports DeepSpeed, as safe_load does
         from pipeline.engine.safe_load import safe_load, weights_only_everywhere
 
         marker = self.choose()
@@ -319,7 +318,7 @@ class Checkpoints:
         world = dist.get_world_size() if dist.is_initialized() else 1
         load_dir, load_tag = self.dir, tag
         if saved_world != world and marker["zero_stage"] >= 1:
-            load_dir, load_tag = self.universal(tag, marker, engine.client_optimizer, world), UNIVERSAL
+            load_dir, load_tag = self.universal(tag), UNIVERSAL
         engine._config.load_universal_checkpoint = load_tag == UNIVERSAL  # read at load time only
         try:
             with weights_only_everywhere():
@@ -331,6 +330,7 @@ class Checkpoints:
             _restore_buffers(engine.module, self.dir / tag)
             if engine.zero_optimization_stage() == 3:
                 _repair_zero3_universal_load(engine.optimizer.optimizer, self.dir / tag / UNIVERSAL)
+            universal_state.restore_names(engine, self.dir / tag / UNIVERSAL)
         if path is None:
             raise RuntimeError(f"DeepSpeed could not load checkpoint {self.dir / tag}")
         rng_file = self.dir / tag / f"rng_rank{self.rank}.pt"
@@ -340,15 +340,9 @@ class Checkpoints:
         return Restored(tag=tag, step=marker["step"], path=self.dir / tag, client_state=client_state or {},
                         same_world=same_world)
 
-    def universal(self, tag: str, marker: dict, optimizer, world: int) -> Path:
+    def universal(self, tag: str) -> Path:
         """The folder holding `tag` in DeepSpeed's universal form (its `universal` subfolder), converted by rank 0
         unless an earlier resume did. Collective."""
-        if not isinstance(optimizer, RESHARDABLE):
-            raise ConfigError(
-                f"checkpoint {self.dir / tag} was written by {marker['world_size']} ranks under ZeRO "
-                f"{marker['zero_stage']} with {type(optimizer).__name__}, whose state DeepSpeed 0.19.8 cannot "
-                f"convert for {world} ranks (its universal checkpoints know only Adam's); resume with "
-                f"{marker['world_size']} ranks")
         folder = self.dir / tag
         error = None
         if self.rank == 0 and not (folder / UNIVERSAL).is_dir():
@@ -362,17 +356,22 @@ class Checkpoints:
         """Rank 0: convert `folder` with DeepSpeed's converter into folder/universal, atomically; None or why not."""
         from deepspeed.checkpoint import ds_to_universal
 
+        from pipeline.engine import universal_state
         from pipeline.engine.safe_load import weights_only_everywhere
 
         scratch = folder / ".universal-tmp"  # left by an interrupted conversion: redo it
         shutil.rmtree(scratch, ignore_errors=True)
         started = time.perf_counter()
         log.warning("converting %s to a universal checkpoint for another world size", folder)
-        args = Namespace(input_folder=str(folder), output_folder=str(scratch / UNIVERSAL), num_extract_workers=1,
-                         num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True)
         try:
             with weights_only_everywhere():
+                renamed = universal_state.stage(folder, scratch / "staged")
+                args = Namespace(input_folder=str(scratch / "staged" if renamed else folder),
+                                 output_folder=str(scratch / UNIVERSAL), num_extract_workers=1, num_merge_workers=1,
+                                 keep_temp_folder=False, strict=True, inject_missing_state=True)
                 ds_to_universal.main(args)  # one process: a pool would fork this rank with its threads
+            if renamed:
+                universal_state.write_names(scratch / UNIVERSAL, renamed)
             (scratch / UNIVERSAL).rename(folder / UNIVERSAL)
         except Exception as err:
             return f"converting checkpoint {folder} to a universal checkpoint failed: {type(err).__name__}: {err}"

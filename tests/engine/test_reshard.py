@@ -2,11 +2,12 @@
 CPU accelerator, torchrun + gloo, the real loader on digits shards).
 
 Runs train 2 steps at world size 2 and checkpoint: ZeRO 0 (unsharded: any world size loads its checkpoint as it is,
-the reference), ZeRO 1, 2 and 3, ZeRO 2 in bf16, and ZeRO 2 with LARS. Each checkpoint is then resumed at world size
-1 and, in a copy, at world size 3 (both at once; bf16 and LARS at world size 1 only), through the conversion. Right
-after resuming, every fp32 master weight, Adam moment and BatchNorm buffer, gathered whole, must equal what the
-world-2 run held when it saved; the runs then train 2 more steps, whose losses must equal the ZeRO 0 reference's at
-that world size, with the data position continuing. This file is also the worker: `torchrun ... test_reshard.py PHASE
+the reference), ZeRO 1, 2 and 3, each with AdamW and with LARS, and ZeRO 2 in bf16. Each checkpoint is then resumed
+at world size 1 and, in a copy, at world size 3 (both at once; bf16 at world size 1 only), through the conversion.
+Right after resuming, every fp32 master weight, optimizer state (Adam's moments, LARS's momentum) and BatchNorm buffer,
+gathered whole, and each param group's settings must equal what the world-2 run held when it saved; the runs then
+train 2 more steps, whose losses must equal the ZeRO 0 reference's (same optimizer) at that world size, with the data
+position continuing. This file is also the worker: `torchrun ... test_reshard.py PHASE
 SHARDS OUT`, one process group per phase, several Trainers in it.
 """
 
@@ -24,7 +25,11 @@ from tests.engine.test_train_distributed import finish, losses, torchrun
 SAVED, RESUMED = 2, 4  # the checkpoint's step; the step the resumed runs train to
 BATCH = 12  # global: divides into world sizes 1, 2 and 3
 CASES = {"zero0": (0, "adamw"), "zero1": (1, "adamw"), "zero2": (2, "adamw"), "zero3": (3, "adamw"),
-         "bf16": (2, "adamw", "deepspeed.precision=bf16"), "lars": (2, "lars")}
+         "bf16": (2, "adamw", "deepspeed.precision=bf16"),
+         "zero0_lars": (0, "lars"), "zero1_lars": (1, "lars"), "zero2_lars": (2, "lars"), "zero3_lars": (3, "lars")}
+STATE = {"adamw": ("exp_avg", "exp_avg_sq"), "lars": ("momentum_buffer",)}  # per parameter
+GROUP = {"adamw": ("weight_decay", "eps", "betas"), "lars": ("weight_decay", "momentum", "trust_coefficient", "lars")}
+SHARDED = [case for case, (stage, *_) in CASES.items() if stage and case != "bf16"]
 WORLDS = {"one": 1, "three": 3}  # the phases that resume, and their world sizes
 
 
@@ -39,8 +44,8 @@ def cfg_for(shards: str, run_dir: Path, steps: int, stage: int, optimizer: str, 
                           "monitor.knn_every_epochs=0", "checkpoint.every_steps=0", *extra])
 
 
-def full_state(trainer) -> dict:
-    """Every parameter's fp32 master copy and Adam moments, gathered whole (collective under ZeRO 3), the buffers,
+def full_state(trainer, optimizer_name: str) -> dict:
+    """Every parameter's fp32 master copy and optimizer state, gathered whole (collective under ZeRO 3), the buffers,
     the schedule's learning rate, each param group's settings and Adam's step count. Under ZeRO 0 the parameters are
     the fp32 masters and the optimizer is torch's."""
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
@@ -53,11 +58,15 @@ def full_state(trainer) -> dict:
     unsharded = trainer.engine.zero_optimization_stage() == 0
     inner = optimizer if unsharded else optimizer.optimizer  # torch's: each param group's settings, the step count
     out = {"lr": torch.tensor(trainer.schedule.get_last_lr()),
-           "groups": torch.tensor([[g["weight_decay"], g["eps"], *g["betas"]] for g in inner.param_groups]),
-           "steps": torch.tensor(sorted({float(s["step"]) for s in inner.state.values()}))}
+           "groups": torch.tensor([[float(x) for k in GROUP[optimizer_name] for x in torch.tensor(g[k]).view(-1)]
+                                   for g in inner.param_groups])}
+    for names in {",".join(sorted(state)) for state in inner.state.values()}:  # compared as keys: the same names
+        out[f"state names: {names}"] = torch.tensor(1)
+    if optimizer_name == "adamw":
+        out["steps"] = torch.tensor(sorted({float(s["step"]) for s in inner.state.values()}))
     for name, p in trainer.engine.module.named_parameters():
         out[name] = p.detach().clone() if unsharded else safe_get_full_fp32_param(p)
-        for key in ("exp_avg", "exp_avg_sq"):
+        for key in STATE[optimizer_name]:
             out[f"{name}/{key}"] = (optimizer.state[p][key].clone() if unsharded
                                     else safe_get_full_optimizer_state(p, key))
     out.update({f"buffer/{n}": b.clone() for n, b in trainer.engine.module.named_buffers()})
@@ -74,7 +83,6 @@ def keep(state: dict, path: Path) -> None:
 def worker(phase: str, shards: str, out: str) -> None:
     import torch.distributed as dist
 
-    from pipeline.config.checks import ConfigError
     from pipeline.engine.trainer import Trainer
 
     out = Path(out)
@@ -83,20 +91,14 @@ def worker(phase: str, shards: str, out: str) -> None:
         if phase == "two":  # train and checkpoint; keep the state it saved
             trainer = Trainer(cfg_for(shards, run_dir, SAVED, stage, optimizer, *extra))
             assert trainer.run() == "done"
-            if optimizer == "adamw":
-                keep(full_state(trainer), run_dir / "saved.pt")
-        elif phase == "three" and case in ("bf16", "lars"):
+            keep(full_state(trainer, optimizer), run_dir / "saved.pt")
+        elif phase == "three" and case == "bf16":
             continue  # covered at world size 1: not worth 3 ranks building an engine on 2 cores
-        elif optimizer == "lars":  # cannot be converted: refused (max_steps as saved: nothing left to train)
-            try:
-                Trainer(cfg_for(shards, run_dir, SAVED, stage, optimizer, *extra))
-            except ConfigError as err:
-                (run_dir / "refused.txt").write_text(str(err))
         else:  # resume at this world size (max_steps raised: forced); keep the state it resumed with, then train on
             trainer = Trainer(cfg_for(shards, run_dir, RESUMED, stage, optimizer, *extra, "checkpoint.resume=force"))
             assert trainer.step == SAVED
             if stage:
-                keep(full_state(trainer), run_dir / "resumed.pt")
+                keep(full_state(trainer, optimizer), run_dir / "resumed.pt")
             assert trainer.run() == "done"
     dist.barrier()
 
@@ -116,15 +118,16 @@ def runs(shards, tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("case", "phase"), [(case, phase) for case in ("zero1", "zero2", "zero3") for phase in WORLDS]
-                         + [("bf16", "one")])
+@pytest.mark.parametrize(("case", "phase"), [(case, phase) for case in SHARDED for phase in WORLDS] + [("bf16", "one")])
 def test_a_zero_checkpoint_resumes_at_another_world_size_with_the_same_state(runs, case, phase):
-    """2 ranks -> 1 and 2 ranks -> 3 for ZeRO 1, 2 and 3, and 2 -> 1 for ZeRO 2 with bf16."""
+    """2 ranks -> 1 and 2 ranks -> 3 for ZeRO 1, 2 and 3 with AdamW and with LARS, and 2 -> 1 for ZeRO 2 in bf16."""
     run_dir = runs / phase / case
     saved = torch.load(runs / "two" / case / "saved.pt", weights_only=True)
     resumed = torch.load(run_dir / "resumed.pt", weights_only=True)
     assert sorted(resumed) == sorted(saved)
-    assert any(k.endswith("exp_avg_sq") for k in saved)
+    optimizer = CASES[case][1]
+    assert [k for k in saved if k.startswith("state names")] == [
+        f"state names: {','.join(sorted(STATE[optimizer] + ('step',) * (optimizer == 'adamw')))}"]
     for key, value in saved.items():
         assert value is not None, key
         assert_close(resumed[key], value, rtol=0, atol=1e-6, msg=lambda m, key=key: f"{key}: {m}")
@@ -138,25 +141,49 @@ def test_a_zero_checkpoint_resumes_at_another_world_size_with_the_same_state(run
 
 @pytest.mark.slow
 @pytest.mark.parametrize("phase", WORLDS)
-@pytest.mark.parametrize("case", ["zero1", "zero2", "zero3"])
+@pytest.mark.parametrize("case", SHARDED)
 def test_the_resumed_run_computes_the_losses_of_an_unsharded_one(runs, case, phase):
-    """The ZeRO 0 run holds the same weights at the checkpoint and resumes without a conversion: after the
-    conversion, the sharded run's next losses at this world size are its losses."""
-    reference = torch.load(runs / "two" / "zero0" / "saved.pt", weights_only=True)
+    """The ZeRO 0 run with the same optimizer holds the same weights at the checkpoint and resumes without a
+    conversion: after the conversion, the sharded run's next losses at this world size are its losses."""
+    unsharded = "zero0" if CASES[case][1] == "adamw" else "zero0_lars"
+    reference = torch.load(runs / "two" / unsharded / "saved.pt", weights_only=True)
     saved = torch.load(runs / "two" / case / "saved.pt", weights_only=True)
-    for key, value in reference.items():  # the same weights, moments and buffers at the checkpoint
-        assert_close(saved[key], value, rtol=0, atol=1e-6, msg=lambda m, key=key: f"{key}: {m}")
-    expected, got = losses(runs / phase / "zero0"), losses(runs / phase / case)
+    for key, value in reference.items():  # the same weights, optimizer state and buffers at the checkpoint. LARS's
+        # momentum is the undamped sum of the gradients (Adam's first moment carries a tenth of each), so the order in
+        # which ZeRO reduces them shows 10x larger there: measured up to 2.4e-6 on values near 0.03, and 1.8e-6 on
+        # the rounding noise that is the gradient of a bias followed by BatchNorm
+        momentum = key.endswith("momentum_buffer")
+        assert_close(saved[key], value, rtol=1e-4 if momentum else 0, atol=5e-6 if momentum else 1e-6,
+                     msg=lambda m, key=key: f"{key}: {m}")
+    expected, got = losses(runs / phase / unsharded), losses(runs / phase / case)
     assert sorted(got) == sorted(expected) == list(range(1, RESUMED + 1))
     for step in range(SAVED + 1, RESUMED + 1):
         assert abs(got[step] - expected[step]) <= 1e-5, (step, got[step], expected[step])
 
 
 @pytest.mark.slow
-def test_lars_state_at_another_world_size_is_refused_in_one_line(runs):
-    refused = (runs / "one" / "lars" / "refused.txt").read_text()
-    assert "under ZeRO 2 with LARS" in refused and "resume with 2 ranks" in refused and "\n" not in refused
-    assert not (runs / "one" / "lars" / "checkpoints" / f"step{SAVED:09d}" / "universal").exists()
+def test_deepspeed_alone_still_cannot_convert_lars_state(runs, tmp_path):
+    """The reason for pipeline/engine/universal_state.py (deepspeed#8608). When a DeepSpeed upgrade makes this fail,
+    its converter reads the state names itself: the renaming can go."""
+    from argparse import Namespace
+
+    from deepspeed.checkpoint import ds_to_universal
+
+    args = Namespace(input_folder=str(runs / "two" / "zero2_lars" / "checkpoints" / f"step{SAVED:09d}"),
+                     output_folder=str(tmp_path / "universal"), num_extract_workers=1, num_merge_workers=1,
+                     keep_temp_folder=False, strict=True, inject_missing_state=True)
+    with pytest.raises(KeyError, match="exp_avg"):
+        ds_to_universal.main(args)
+
+
+def test_only_an_optimizer_with_more_than_two_tensors_per_parameter_is_refused():
+    from pipeline.engine.universal_state import renaming
+
+    assert renaming(["exp_avg", "exp_avg_sq"]) is None  # Adam's: converted as they are
+    assert renaming(["momentum_buffer"]) == {"momentum_buffer": "exp_avg"}
+    assert renaming([]) == {}
+    with pytest.raises(ValueError, match="keeps 3 tensors per parameter .a, b, c.; DeepSpeed 0.19.8's universal"):
+        renaming(["a", "b", "c"])
 
 
 def test_a_failed_conversion_leaves_the_checkpoint_as_it_was(tmp_path, monkeypatch):
