@@ -59,6 +59,15 @@ def data_roles(cfg: DictConfig) -> tuple[str, ...]:
     return ("train", "bank", "test") if cfg.monitor.knn_every_epochs > 0 else ("train",)
 
 
+def splits_without_labels(cfg: DictConfig, roles: tuple[str, ...] = ("bank", "test")) -> list[str]:
+    """"the <role> split <name>" for each of these roles whose shards carry no labels (a flat image folder, STL-10's
+    unlabeled split)."""
+    from pipeline.data.shard_format import read_manifest
+
+    urls = split_manifests(cfg.data)
+    return [f"the {role} split {cfg.data[f'{role}_split']}" for role in roles if not read_manifest(urls[role]).classes]
+
+
 def monitors_with_labels(cfg: DictConfig) -> tuple[int, int, str]:
     """The online probe's class count and the kNN monitor's period, each 0 (off) where its splits carry no labels (a
     flat image folder, STL-10's unlabeled split), and the one line that says so ("" when nothing is off)."""
@@ -70,8 +79,7 @@ def monitors_with_labels(cfg: DictConfig) -> tuple[int, int, str]:
         off.append(f"online probe off: the training split {cfg.data.train_split} has no labels")
     knn_every = cfg.monitor.knn_every_epochs
     if knn_every > 0:
-        bare = [f"the {role} split {cfg.data[f'{role}_split']}" for role in ("bank", "test")
-                if not read_manifest(urls[role]).classes]
+        bare = splits_without_labels(cfg)
         if bare:
             knn_every = 0
             off.append(f"kNN monitor off: {' and '.join(bare)} {'have' if len(bare) > 1 else 'has'} no labels")

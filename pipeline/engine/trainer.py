@@ -41,6 +41,7 @@ from pipeline.config.checks import (
     data_roles,
     monitors_with_labels,
     split_manifests,
+    splits_without_labels,
 )
 from pipeline.data.loading.loader import EVAL_VIEWS, BadSampleError, loader_for
 from pipeline.data.shard_format import read_manifest
@@ -89,6 +90,16 @@ def _mean_over_ranks(values: dict[str, torch.Tensor], world: int) -> dict[str, f
     keys = sorted(values)
     stacked = torch.stack([values[k].detach().float().reshape(()) for k in keys])
     return dict(zip(keys, (all_reduce_sum(stacked) / world).tolist()))
+
+
+def next_command(run_dir: Path, unlabelled: list[str]) -> str:
+    """The end summary's evaluation hint; where the run's kNN splits have no labels (`splits_without_labels`), the
+    evaluator would refuse them: name what it needs instead."""
+    command = f"next: python -m pipeline.evaluate encoder={run_dir}"
+    if not unlabelled:
+        return command
+    return (f"{command} data=<a labelled dataset> data.root=<its shards> ({' and '.join(unlabelled)} "
+            f"{'have' if len(unlabelled) > 1 else 'has'} no labels to evaluate with)")
 
 
 def _memory() -> dict[str, float]:
@@ -173,7 +184,7 @@ class Trainer:
                  + ("" if self.last_knn is None else f"; kNN top-1 {self.last_knn:.4f}")]
         encoder = self.run_dir.resolve() / "encoder.safetensors"
         if status == "done" and encoder.is_file():
-            lines += [f"encoder: {encoder}", f"next: python -m pipeline.evaluate encoder={self.run_dir.resolve()}"]
+            lines += [f"encoder: {encoder}", next_command(self.run_dir.resolve(), splits_without_labels(self.cfg))]
         elif status == "stopped":
             lines.append(f"resume: run the same command again (checkpoint {self.run_dir.resolve() / 'checkpoints'})")
         return "\n".join(lines)

@@ -1,17 +1,19 @@
 """Pretraining on one's own images: a flat folder of JPEG and PNG files (no class sub-folders) converts with
 `make_shards folder` into unlabelled shards (label -1, no classes), and a training config on them switches the
-online probe and the kNN monitor off with one line instead of failing on the missing labels; labelled shards keep
-both."""
+online probe and the kNN monitor off with one line instead of failing on the missing labels, and its end summary
+asks for labelled shards to evaluate on; labelled shards keep both."""
 
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from pipeline.config.checks import monitors_with_labels
+from pipeline.config.checks import monitors_with_labels, splits_without_labels
 from pipeline.config.compose import load
 from pipeline.data.shard_format import read_manifest
+from pipeline.engine.trainer import next_command
 from tests.helpers import REPO
 from tests.helpers.shard_reading import read_samples
 from tests.helpers.torchrun import environment
@@ -40,3 +42,10 @@ def test_a_flat_image_folder_converts_unlabelled_and_its_training_runs_without_m
                                                 "no labels")
     labelled = load("train", ["experiment=smoke", f"data.root={shards}", "monitor.knn_every_epochs=3"])
     assert monitors_with_labels(labelled) == (10, 3, "")
+
+    # the end summary points the evaluator at labelled shards, not at these (which it refuses)
+    assert next_command(Path("/runs/p"), splits_without_labels(unlabelled)) == (
+        "next: python -m pipeline.evaluate encoder=/runs/p data=<a labelled dataset> data.root=<its shards> (the bank "
+        "split train and the test split train have no labels to evaluate with)")
+    assert next_command(Path("/runs/p"), splits_without_labels(labelled)) == (
+        "next: python -m pipeline.evaluate encoder=/runs/p")

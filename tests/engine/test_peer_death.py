@@ -14,7 +14,7 @@ import time
 from tests.helpers import REPO
 from tests.helpers.processes import free_port
 
-TIMEOUT_S = 20
+TIMEOUT_S = 12
 
 
 def test_a_rank_whose_peer_hangs_fails_within_the_timeout(shards, tmp_path):
