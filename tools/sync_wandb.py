@@ -8,9 +8,10 @@ Offline, every attempt of a run (each requeue or pod restart) writes its own `RU
 with the same run id, and `wandb sync` of several such folders replaces rather than appends. An attempt resumed from
 the checkpoint of step S re-does the steps after S, which the attempt before it may have logged already. So the
 attempts are read in order (their `.wandb` record logs), and from each only the steps before the next attempt's first
-step are kept: every step once, as its last attempt computed it, with its images (media files re-logged). The merged
-run keeps the id, project and config, so syncing it gives the online run one history. Online runs need none of
-this: they resume the same id (`resume="allow"`).
+step are kept: every step once, as its last attempt computed it, with its images (media files re-logged). Summary
+values that are not history (what `pipeline.evaluate` adds: `eval/...` figures, the t-SNE map `eval/tsne`) are
+carried over too, the last one written of each. The merged run keeps the id, project and config, so syncing it
+gives the online run one history. Online runs need none of this: they resume the same id (`resume="allow"`).
 """
 
 from __future__ import annotations
@@ -50,20 +51,37 @@ def records(path: Path) -> list[bytes]:
     return out
 
 
-def history(folder: Path) -> list[tuple[int, dict]]:
-    """(step, {key: value}) of each history record of one offline run folder, in the order logged."""
+def parsed(folder: Path):
+    """The records of one offline run folder, parsed, in the order written."""
     from wandb.proto import wandb_internal_pb2 as pb
 
-    rows = []
     for log in folder.glob("run-*.wandb"):
         for raw in records(log):
             record = pb.Record()
             record.ParseFromString(raw)
-            if record.WhichOneof("record_type") == "history":
-                items = {item.key or "/".join(item.nested_key): json.loads(item.value_json)
-                         for item in record.history.item}
-                rows.append((record.history.step.num, {k: v for k, v in items.items() if not k.startswith("_")}))
-    return rows
+            yield record
+
+
+def _items(items) -> dict:
+    """{key: value} of history or summary items, W&B's own keys (`_step`, `_runtime`, `_wandb/...`) left out."""
+    out = {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in items}
+    return {k: v for k, v in out.items() if not k.startswith("_")}
+
+
+def history(folder: Path) -> list[tuple[int, dict]]:
+    """(step, {key: value}) of each history record of one offline run folder, in the order logged."""
+    return [(record.history.step.num, _items(record.history.item)) for record in parsed(folder)
+            if record.WhichOneof("record_type") == "history"]
+
+
+def summary(folder: Path) -> dict:
+    """The summary values one offline run folder set ({key: value}, the last one written of each): what
+    `pipeline.evaluate` adds to a run (`eval/...` figures, the t-SNE map), besides the history's own last values."""
+    out = {}
+    for record in parsed(folder):
+        if record.WhichOneof("record_type") == "summary":
+            out.update(_items(record.summary.update))
+    return out
 
 
 def merged(attempts: list[Path]) -> list[tuple[int, dict, Path]]:
@@ -78,8 +96,8 @@ def merged(attempts: list[Path]) -> list[tuple[int, dict, Path]]:
     return sorted(out, key=lambda row: row[0])
 
 
-def merge(run_dir: Path) -> tuple[Path, list[int]]:
-    """Writes the merged offline run; returns its folder and the steps it holds."""
+def merge(run_dir: Path) -> tuple[Path, list[int], list[str]]:
+    """Writes the merged offline run; returns its folder, the steps it holds and the summary keys it carried over."""
     import wandb
     from omegaconf import OmegaConf
 
@@ -98,11 +116,21 @@ def merge(run_dir: Path) -> tuple[Path, list[int]]:
                      mode="offline", name=cfg.experiment_name, config=OmegaConf.to_container(cfg, resolve=True),
                      settings=wandb.Settings(console="off", silent=True, disable_git=True, save_code=False))
     for step, values, folder in rows:
-        logged = {k: wandb.Image(str(folder / "files" / v["path"]), caption=v.get("caption"))
-                  if isinstance(v, dict) and v.get("_type") == "image-file" else v for k, v in values.items()}
-        run.log(logged, step=step)
+        run.log({k: _media(v, folder) for k, v in values.items()}, step=step)
+    logged = {k for _, values, _ in rows for k in values}  # their summary is the merged history's own
+    kept = {k: (v, folder) for folder in attempts for k, v in summary(folder).items() if k not in logged}
+    run.summary.update({k: _media(v, folder) for k, (v, folder) in kept.items()})
     run.finish()
-    return Path(run.dir).parent, [step for step, _, _ in rows]
+    return Path(run.dir).parent, [step for step, _, _ in rows], sorted(kept)
+
+
+def _media(value, folder: Path):
+    """An image logged by an attempt, re-logged from that attempt's files; any other value as it is."""
+    import wandb
+
+    if isinstance(value, dict) and value.get("_type") == "image-file":
+        return wandb.Image(str(folder / "files" / value["path"]), caption=value.get("caption"))
+    return value
 
 
 def main(argv=None) -> int:
@@ -110,10 +138,11 @@ def main(argv=None) -> int:
     p.add_argument("run_dir", type=Path)
     p.add_argument("--upload", action="store_true", help="run `wandb sync` on the merged run (needs an account)")
     args = p.parse_args(argv)
-    folder, steps = merge(args.run_dir)
+    folder, steps, summary_keys = merge(args.run_dir)
     attempts = len(list((args.run_dir / "wandb").glob("offline-run-*")))
     print(f"sync_wandb: {attempts} attempt(s) merged into {folder}: {len(steps)} steps "
-          f"({steps[0] if steps else '-'}..{steps[-1] if steps else '-'}), each once")
+          f"({steps[0] if steps else '-'}..{steps[-1] if steps else '-'}), each once"
+          + (f"; summary values {', '.join(summary_keys)}" if summary_keys else ""))
     if args.upload:
         return subprocess.run([sys.executable, "-m", "wandb", "sync", str(folder)]).returncode
     print(f"upload with: wandb sync {folder}")

@@ -1,12 +1,15 @@
 """tools/sync_wandb.py on real W&B offline runs: an attempt killed after its checkpoint logged steps that the next
-attempt re-did; merged, every step is there once, with the values of the attempt that survived."""
+attempt re-did; merged, every step is there once, with the values of the attempt that survived, and what
+pipeline.evaluate wrote into the run's summary afterwards (a figure and the t-SNE image) is there too."""
 
 import time
 
+import numpy as np
 import wandb
 from omegaconf import OmegaConf
+from PIL import Image
 
-from tools.sync_wandb import history, main
+from tools.sync_wandb import history, main, summary
 
 SETTINGS = dict(console="off", silent=True, disable_git=True, save_code=False)
 
@@ -25,8 +28,19 @@ def test_attempts_merge_into_one_history_with_each_step_once(tmp_path):
     attempt(tmp_path, range(1, 6), 0.0)  # checkpoint at 3, then killed after logging 4 and 5
     attempt(tmp_path, range(4, 8), 0.5)  # resumed from 3: re-does 4 and 5, killed after 7 (checkpoint at 6)
     attempt(tmp_path, range(7, 10), 0.25)  # resumed from 6
+    evaluated = wandb.init(project="augssl", id="sync1", dir=str(tmp_path), mode="offline", resume="allow",
+                           settings=wandb.Settings(**SETTINGS))  # as pipeline.evaluate's wandb_summary does
+    tsne = np.zeros((16, 16, 3), np.uint8)
+    tsne[4:12, 4:12] = (200, 30, 30)
+    evaluated.summary.update({"eval/aasae/top1": 0.875, "eval/tsne": wandb.Image(tsne)})
+    evaluated.finish()
     assert main([str(tmp_path)]) == 0
     (merged,) = (tmp_path / "wandb-merged" / "wandb").glob("offline-run-*-sync1")
     rows = history(merged)
     assert [step for step, _ in rows] == list(range(1, 10))
     assert [values["loss"] for _, values in rows] == [1, 2, 3, 4.5, 5.5, 6.5, 7.25, 8.25, 9.25]
+    values = summary(merged)
+    assert values["eval/aasae/top1"] == 0.875 and values["loss"] == 9.25  # the history's own last value
+    image = merged / "files" / values["eval/tsne"]["path"]
+    assert values["eval/tsne"]["_type"] == "image-file" and image.is_file()
+    assert np.array_equal(np.asarray(Image.open(image).convert("RGB")), tsne)
