@@ -2,7 +2,8 @@
 so that every later epoch reads local disk instead of downloading them again.
 
 - A shard is downloaded once per cache folder: the reader process that needs it first takes its lock (flock on
-  `<copy>.lock`; DALI's reader workers and the ranks of a node share the folder), downloads it beside its final
+  `.locks/<copy>.lock`, kept apart so that the folder itself holds only copies; DALI's reader workers and the ranks
+  of a node share the folder), downloads it beside its final
   name, checks its size and sha256 against the manifest, and renames it into place. The others wait on the lock and
   then find the copy. A copy in place has therefore been checked; its name starts with the first 16 hex digits of
   its checksum (`<sha256[:16]>-<shard name>`), so that datasets, splits and re-conversions never mix in one folder.
@@ -26,6 +27,7 @@ from ..shard_format import ShardEntry
 from .shard_reader import FsspecReader
 
 CHUNK = 8 << 20
+LOCKS = ".locks"  # a lock file is never removed (a waiter would lock a deleted file): one per shard, empty
 
 
 @contextmanager
@@ -99,8 +101,9 @@ class CachedReader:
         path = self.copy_path(shard)
         if os.path.exists(path):
             return path
-        os.makedirs(self.cache_dir, exist_ok=True)
-        with _locked(path + ".lock"):
+        locks = os.path.join(self.cache_dir, LOCKS)
+        os.makedirs(locks, exist_ok=True)
+        with _locked(os.path.join(locks, os.path.basename(path) + ".lock")):
             if os.path.exists(path):  # another reader fetched it while this one waited
                 return path
             fs, entry = self.remote.fs, self.entries[shard]
@@ -113,7 +116,7 @@ class CachedReader:
                     raise OSError(f"{url}: the downloaded shard ({size} bytes, sha256 {digest[:16]}...) is not the "
                                   f"one its manifest lists ({entry.bytes} bytes, sha256 {entry.sha256[:16]}...): it "
                                   "changed since it was converted; not cached")
-                with _locked(os.path.join(self.cache_dir, ".evict.lock")):
+                with _locked(os.path.join(locks, "evict.lock")):
                     self._make_room(entry.bytes)
                     os.replace(partial, path)
             finally:

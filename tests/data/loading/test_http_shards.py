@@ -59,6 +59,7 @@ def test_http_shards_are_cached_once_and_the_second_epoch_downloads_nothing(www,
     assert shard_gets(log) == after_first  # the second epoch read the local copies
     copies = {p.name.split("-", 1)[1]: p.read_bytes() for p in cache.glob("*.tar")}  # <sha256[:16]>-<shard name>
     assert copies == {p.name: p.read_bytes() for p in folder.glob("*.tar")}
+    assert sorted(p.name for p in cache.iterdir()) == sorted([".locks", *(p.name for p in cache.glob("*.tar"))])
 
 
 def test_the_cache_stays_under_its_bound(www, tmp_path):
