@@ -109,3 +109,24 @@ def test_the_aasae_protocol_trains_its_probe_on_reflect_padded_crops(shards, exp
     assert (settings["features"], settings["nesterov"], settings["cosine_every"], settings["augment"]) == (
         "standardized", True, "step", "pad_crop_flip")
     assert 0.3 < results["linear"]["top1"] <= results["linear"]["top5"] <= 1.0
+
+
+def test_without_scikit_learn_the_tsne_plot_is_refused_with_the_install_line(monkeypatch):
+    """The line names the version the demo extra pins (pyproject.toml), so that it cannot drift from it."""
+    import importlib.util
+    import tomllib
+
+    from pipeline.evaluation.tsne_plot import SklearnMissing, require_sklearn
+    from tests.helpers import REPO
+
+    (pin,) = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]["demo"]
+    real = importlib.util.find_spec
+
+    def find_spec(name, *args):
+        return None if name == "sklearn" else real(name, *args)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec)
+    with pytest.raises(SklearnMissing) as refused:
+        require_sklearn()
+    assert str(refused.value) == (f"the t-SNE plot needs scikit-learn: pip install '{pin}' (the demo and test extras "
+                                  "include it), or pass tsne=false")
