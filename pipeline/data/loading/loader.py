@@ -17,7 +17,10 @@ exactly `steps_per_epoch` batches and records the position of the next batch, wh
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import sys
 import warnings
 from collections import Counter
 from dataclasses import dataclass
@@ -265,6 +268,7 @@ class ShardLoader:
                          py_num_workers=cfg.read_workers, py_start_method=start_method,
                          prefetch_queue_depth=cfg.prefetch)
             pipe.build()
+        remove_autograph_sources()
         names = list(views)
         iterator = DALIGenericIterator([pipe], [*names, "labels", "rows", "status"])
         return _Stream(pipe, iterator, names, self.epoch, self.position)
@@ -278,6 +282,17 @@ class ShardLoader:
         trainer's watchdog: DALI waits forever for the batch of one that died. DALI 2.4 keeps them in its pool."""
         pool = self._stream and self._stream.pipe._py_pool
         return list(pool.pool._processes) if pool else []
+
+
+def remove_autograph_sources() -> None:
+    """DALI's conditionals (autograph) write each converted function to `<tmp>/__autograph_generated_file*.py` and
+    remove those files only at a normal interpreter exit, so every rank that is killed (preemption, a torchrun
+    teardown, the watchdog's os._exit) leaves them behind: thousands over many runs. Once the pipeline is built their
+    modules are loaded and the files are not read again (only a traceback through them would show no source line)."""
+    for name, module in list(sys.modules.items()):
+        if name.startswith("__autograph_generated_file") and getattr(module, "__file__", None):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(module.__file__)
 
 
 def decoder_args(tuning: LoaderTuning, gpu: bool) -> dict:
