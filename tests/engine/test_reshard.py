@@ -162,6 +162,18 @@ def test_the_resumed_run_computes_the_losses_of_an_unsharded_one(runs, case, pha
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("phase", WORLDS)
+@pytest.mark.parametrize("case", ["zero0", "zero0_lars"])
+def test_an_unsharded_checkpoint_resumes_at_another_world_size_as_it_is(runs, case, phase):
+    """ZeRO 0 holds whole parameters: no conversion, and the data position continues over the new ranks."""
+    run_dir = runs / phase / case
+    assert not (run_dir / "checkpoints" / f"step{SAVED:09d}" / "universal").exists()
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["samples"]) for r in records] == [(s, BATCH * s) for s in range(1, RESUMED + 1)]
+    assert json.loads((run_dir / "status.json").read_text())["status"] == "done"
+
+
+@pytest.mark.slow
 def test_deepspeed_alone_still_cannot_convert_lars_state(runs, tmp_path):
     """The reason for pipeline/engine/universal_state.py (deepspeed#8608). When a DeepSpeed upgrade makes this fail,
     its converter reads the state names itself: the renaming can go."""
