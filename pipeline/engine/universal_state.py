@@ -57,34 +57,35 @@ def renaming(names: list[str]) -> dict[str, str] | None:
 
 def stage(folder: Path, staging: Path) -> dict | None:
     """Write into `staging` a copy of checkpoint `folder` whose optimizer state is under Adam's names; returns the
-    record for NAMES_FILE, or None (and writes nothing) when the state already is Adam's or there is none."""
+    record for NAMES_FILE, or None (and writes nothing) when the state already is Adam's. A state with no tensors
+    (SGD without momentum keeps none) gets both slots zero-filled, as the converter reads them for every group."""
     optim_files = sorted(folder.glob("*_optim_states.pt"))
     if not optim_files:
         return None
-    first = safe_load(str(optim_files[0]), "cpu")
-    states = _state_and_sizes(first)[0]["state"]
+    sd = safe_load(str(optim_files[0]), "cpu")
+    states = _state_and_sizes(sd)[0]["state"]
     names = own_names(next(iter(states.values()))) if states else []
     mapping = renaming(names)
     if mapping is None:
         return None
     added = [slot for slot in SLOTS if slot not in mapping.values()]
-    if not all(STEP in s for s in states.values()):
+    if not states or not all(STEP in s for s in states.values()):
         added.append(STEP)
     staging.mkdir(parents=True)
     for path in folder.iterdir():
         if path.is_file() and path not in optim_files:
             os.symlink(path.resolve(), staging / path.name)
     for path in optim_files:
-        optim_sd = first if path == optim_files[0] else safe_load(str(path), "cpu")
-        torch_sd, sizes = _state_and_sizes(optim_sd)
-        for index, state in torch_sd["state"].items():
+        sd = sd if path == optim_files[0] else safe_load(str(path), "cpu")
+        torch_sd, sizes = _state_and_sizes(sd)
+        for index, size in enumerate(sizes):  # one state per group (ZeRO 1/2) or sub-group (ZeRO 3)
+            state = torch_sd["state"].setdefault(index, {})
             if own_names(state) != names:
                 raise ValueError(f"{path.name}: param group {index} keeps {own_names(state)}, group 0 {names}")
-            for name, slot in mapping.items():
-                state[slot] = state.pop(name)
+            state.update(_moved(state, mapping))
             for name in added:
-                state[name] = torch.tensor(0.0) if name == STEP else torch.zeros(sizes[index])
-        torch_save(optim_sd, staging / path.name)
+                state[name] = torch.tensor(0.0) if name == STEP else torch.zeros(size)
+        torch_save(sd, staging / path.name)
     return {"names": mapping, "added": added}
 
 
@@ -94,23 +95,32 @@ def write_names(universal: Path, record: dict) -> None:
 
 def restore_names(engine, universal: Path) -> None:
     """After a universal load: give the optimizer's state its own names back (also in the views ZeRO 1/2 keep per
-    parameter for DeepSpeed's safe_get_full_optimizer_state) and drop the slots and step count that were added."""
+    parameter for DeepSpeed's safe_get_full_optimizer_state) and drop the slots and step count that were added, and
+    with them a state left empty (as the optimizer had it: none)."""
     path = universal / NAMES_FILE
     if not path.is_file():
         return
     record = json.loads(path.read_text())
     back = {slot: name for name, slot in record["names"].items()}
-    for state in engine.optimizer.optimizer.state.values():
-        _rename(state, back, record["added"])
+    state = engine.optimizer.optimizer.state
+    for key in list(state):
+        _restore(state[key], back, record["added"])
+        if not state[key]:
+            del state[key]
     for p in engine.module.parameters():
         mapping = getattr(p, "_hp_mapping", None)
         if mapping is not None and mapping.optim_fragment:
-            _rename(mapping.optim_fragment, back, record["added"])
+            _restore(mapping.optim_fragment, back, record["added"])
 
 
-def _rename(state: dict, back: dict[str, str], added: list[str]) -> None:
+def _moved(state: dict, renamed: dict[str, str]) -> dict:
+    """The entries of `state` named in `renamed`, taken out of it under their new names (all taken out first, so that
+    a name that is also another's new name is not overwritten)."""
+    taken = {name: state.pop(name) for name in renamed if name in state}
+    return {renamed[name]: value for name, value in taken.items()}
+
+
+def _restore(state: dict, back: dict[str, str], added: list[str]) -> None:
     for name in added:
         state.pop(name, None)
-    for slot, name in back.items():
-        if slot in state:
-            state[name] = state.pop(slot)
+    state.update(_moved(state, back))
