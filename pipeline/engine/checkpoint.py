@@ -344,16 +344,18 @@ class Checkpoints:
         """The folder holding `tag` in DeepSpeed's universal form (its `universal` subfolder), converted by rank 0
         unless an earlier resume did. Collective."""
         folder = self.dir / tag
-        error = None
+        failed = None
         if self.rank == 0 and not (folder / UNIVERSAL).is_dir():
-            error = self._convert(folder)
-        error = broadcast(error)
-        if error:
-            raise RuntimeError(error)
+            failed = self._convert(folder)
+        failed = broadcast(failed)
+        if failed:
+            message, room = failed
+            raise StorageFull(message) if room else RuntimeError(message)
         return folder
 
-    def _convert(self, folder: Path) -> str | None:
-        """Rank 0: convert `folder` with DeepSpeed's converter into folder/universal, atomically; None or why not."""
+    def _convert(self, folder: Path) -> tuple[str, bool] | None:
+        """Rank 0: convert `folder` with DeepSpeed's converter into folder/universal, atomically; None, or why not
+        and whether it was for lack of room (the conversion writes about the checkpoint's size again)."""
         from deepspeed.checkpoint import ds_to_universal
 
         from pipeline.engine import universal_state
@@ -374,7 +376,13 @@ class Checkpoints:
                 universal_state.write_names(scratch / UNIVERSAL, renamed)
             (scratch / UNIVERSAL).rename(folder / UNIVERSAL)
         except Exception as err:
-            return f"converting checkpoint {folder} to a universal checkpoint failed: {type(err).__name__}: {err}"
+            no_room = _no_room(err)
+            if no_room:
+                reason, remedy = no_room
+                return (f"converting checkpoint {folder} for another world size needs about its size again on "
+                        f"{self.dir}: {reason}; the checkpoint is kept; {remedy} and re-run to resume from it"), True
+            return (f"converting checkpoint {folder} to a universal checkpoint failed: {type(err).__name__}: "
+                    f"{err}"), False
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
         log.warning("converted %s in %.1f s", folder, time.perf_counter() - started)

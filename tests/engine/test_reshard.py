@@ -218,10 +218,32 @@ def test_a_failed_conversion_leaves_the_checkpoint_as_it_was(tmp_path, monkeypat
         raise OSError("killed half-way")
 
     monkeypatch.setattr(ds_to_universal, "main", crash)
-    error = Checkpoints(tmp_path, {})._convert(folder)
-    assert "killed half-way" in error
+    error, room = Checkpoints(tmp_path, {})._convert(folder)
+    assert "killed half-way" in error and not room
     assert sorted(p.name for p in folder.iterdir()) == ["mp_rank_00_model_states.pt"]
     assert not (folder / UNIVERSAL).exists()
+
+
+def test_a_conversion_that_runs_out_of_room_is_storage_full_keeping_the_checkpoint(tmp_path, monkeypatch):
+    """No room for the universal copy: the resume ends with exit 5's one line (make room, re-run), not a traceback."""
+    import errno
+
+    from deepspeed.checkpoint import ds_to_universal
+
+    from pipeline.engine.checkpoint import Checkpoints, StorageFull
+
+    folder = tmp_path / "checkpoints" / "step000000002"
+    folder.mkdir(parents=True)
+    (folder / "mp_rank_00_model_states.pt").write_bytes(b"saved")
+
+    def full(args):
+        raise RuntimeError("write failed") from OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ds_to_universal, "main", full)
+    with pytest.raises(StorageFull, match=r"step000000002 for another world size needs about its size again on .*: "
+                                          r"no space left on device; the checkpoint is kept; free space and re-run"):
+        Checkpoints(tmp_path, {}).universal("step000000002")
+    assert sorted(p.name for p in folder.iterdir()) == ["mp_rank_00_model_states.pt"]
 
 
 if __name__ == "__main__":
