@@ -61,11 +61,18 @@ def data_roles(cfg: DictConfig) -> tuple[str, ...]:
 
 def splits_without_labels(cfg: DictConfig, roles: tuple[str, ...] = ("bank", "test")) -> list[str]:
     """"the <role> split <name>" for each of these roles whose shards carry no labels (a flat image folder, STL-10's
-    unlabeled split)."""
+    unlabeled split). A split not converted is left out: a run without the kNN monitor needs none, and the evaluator
+    names the command that makes it."""
     from pipeline.data.shard_format import read_manifest
 
-    urls = split_manifests(cfg.data)
-    return [f"the {role} split {cfg.data[f'{role}_split']}" for role in roles if not read_manifest(urls[role]).classes]
+    urls, bare = split_manifests(cfg.data), []
+    for role in roles:
+        try:
+            if not read_manifest(urls[role]).classes:
+                bare.append(f"the {role} split {cfg.data[f'{role}_split']}")
+        except FileNotFoundError:
+            continue
+    return bare
 
 
 def monitors_with_labels(cfg: DictConfig) -> tuple[int, int, str]:

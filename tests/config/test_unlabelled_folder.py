@@ -49,3 +49,7 @@ def test_a_flat_image_folder_converts_unlabelled_and_its_training_runs_without_m
         "split train and the test split train have no labels to evaluate with)")
     assert next_command(Path("/runs/p"), splits_without_labels(labelled)) == (
         "next: python -m pipeline.evaluate encoder=/runs/p")
+    # a run without the kNN monitor needs no bank or test shards: their absence must not fail its end summary
+    no_test = load("train", ["experiment=smoke", f"data.root={shards}", "data.test_split=val",
+                             "monitor.knn_every_epochs=0"])
+    assert splits_without_labels(no_test) == []
