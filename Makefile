@@ -9,9 +9,15 @@ export TORCH_EXTENSIONS_DIR := $(CURDIR)/.venv/torch_extensions
 demo: setup
 	$(PY) -m pipeline.demo
 
-# The Slurm tests start a real single-node Slurm: its Debian packages are installed first (root or sudo).
+# The Slurm tests start a real Slurm: its Debian packages are installed first (root or sudo).
+# The single-process tests run on every core, at most 8 (pytest-xdist; each file on one worker, so its fixtures are
+# built once); the slow multi-process tests then run one at a time, since their ranks already fill the cores. Both
+# parts always run; the target fails if either does.
 test: setup slurm
-	$(PY) -m pytest
+	status=0; \
+	$(PY) -m pytest -m "not slow" -n auto --maxprocesses 8 --dist loadfile || status=$$?; \
+	$(PY) -m pytest -m slow || status=$$?; \
+	exit $$status
 
 # ruff, 120 columns (its settings are in pyproject.toml); .ci/run calls it before the tests.
 lint: setup
