@@ -43,3 +43,12 @@ def digits(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("digits")
     _digits_shards(out, "--samples-per-shard", "500")
     return out
+
+
+@pytest.fixture(scope="session", autouse=True)
+def subprocess_tmpdir(tmp_path_factory):
+    """The programs the tests start keep their temporary files in this session's temporary folder, which pytest
+    prunes, not in /tmp: torchrun leaves a /tmp/torchelastic_* folder behind each time it is killed."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TMPDIR", str(tmp_path_factory.mktemp("tmp")))
+        yield

@@ -15,7 +15,8 @@ Indexed Job need the hosts (they fail under CI without them, and skip elsewhere)
 too, in one private network namespace with only a loopback interface (or none) and the DNS names on 127.0.0.1.
 
 The container paths /opt/augssl (the image's checkout) and the entrypoint map to this checkout; /tmp is the local
-/tmp. Test-harness additions: PATH (this venv), OMP_NUM_THREADS=1 and, without the hosts, GLOO_SOCKET_IFNAME=lo.
+/tmp. Test-harness additions: PATH (this venv), OMP_NUM_THREADS=1, TMPDIR (a folder of each pod's own, as a container's
+/tmp is, for the temporary files its programs make) and, without the hosts, GLOO_SOCKET_IFNAME=lo.
 """
 
 from __future__ import annotations
@@ -188,8 +189,10 @@ class Replica:
         self.log_path = cluster.root / f"{name}.log"
         while self.log_path.exists():  # a second attempt of the same pod
             self.log_path = self.log_path.with_name(self.log_path.stem + "+.log")
+        tmp = self.log_path.with_suffix(".tmp")  # the container's own /tmp
+        tmp.mkdir()
         full_env = {"PATH": f"{bin_dir}:{Path(sys.executable).parent}:/usr/sbin:/usr/bin:/sbin:/bin",
-                    "OMP_NUM_THREADS": "1", "AUGSSL_TEST_CLUSTER": cluster.marker,
+                    "OMP_NUM_THREADS": "1", "AUGSSL_TEST_CLUSTER": cluster.marker, "TMPDIR": str(tmp),
                     **({"GLOO_SOCKET_IFNAME": "lo"} if cluster.hosts is None else {}), **env}
         cmd = list(argv)
         self.host = None
