@@ -110,13 +110,16 @@ def cli_overrides(config_name: str, argv: list[str]) -> tuple[str, list[str]]:
 
 def precheck_cli(config_name: str, argv: list[str]) -> str | None:
     """For a single run's command line: the reason its overrides do not compose or its run cannot start (values,
-    world size, shards), or None. Multirun sweeps are left to Hydra (their comma lists are not single values)."""
+    world size, shards), or None. Multirun sweeps are left to Hydra (their comma lists are not single values). A
+    command line that only prints (`--cfg`, `--info`) needs a valid config but no shards."""
     if "-m" in argv or "--multirun" in argv or any(a in ("--help", "-h", "--hydra-help") for a in argv):
         return None
+    printing = any(a in ("--cfg", "-c", "--info", "-i") or a.startswith(("--cfg=", "--info=")) for a in argv)
     config_name, overrides = cli_overrides(config_name, argv)
     try:
         cfg = load(config_name, [o for o in overrides if not o.startswith(("hydra.", "hydra/", "+hydra", "~hydra"))])
-        check_run(config_name, cfg)
+        if not printing:
+            check_run(config_name, cfg)
     except ConfigError as err:
         return str(err)
     return None
