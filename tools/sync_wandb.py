@@ -12,6 +12,8 @@ step are kept: every step once, as its last attempt computed it, with its images
 values that are not history (what `pipeline.evaluate` adds: `eval/...` figures, the t-SNE map `eval/tsne`) are
 carried over too, the last one written of each. The merged run keeps the id, project and config, so syncing it
 gives the online run one history. Online runs need none of this: they resume the same id (`resume="allow"`).
+
+Exit status: 0 merged (with --upload: `wandb sync`'s own), 2 the folder is not one run's directory with offline runs.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ import struct
 import subprocess
 import sys
 from pathlib import Path
+
+from pipeline.exit_codes import BAD_CONFIG
 
 BLOCK, HEADER = 32768, 7  # the record log's block size and per-chunk header (crc32, length, type)
 FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
@@ -96,6 +100,10 @@ def merged(attempts: list[Path]) -> list[tuple[int, dict, Path]]:
     return sorted(out, key=lambda row: row[0])
 
 
+class NotOneRun(ValueError):
+    """The folder given is not one training run's directory with its offline W&B runs."""
+
+
 def merge(run_dir: Path) -> tuple[Path, list[int], list[str]]:
     """Writes the merged offline run; returns its folder, the steps it holds and the summary keys it carried over."""
     import wandb
@@ -103,11 +111,12 @@ def merge(run_dir: Path) -> tuple[Path, list[int], list[str]]:
 
     attempts = sorted((run_dir / "wandb").glob("offline-run-*"))  # named offline-run-<YYYYmmdd_HHMMSS>-<id>
     if not attempts:
-        raise SystemExit(f"sync_wandb: no offline W&B runs in {run_dir / 'wandb'}")
+        raise NotOneRun(f"no offline W&B runs in {run_dir / 'wandb'} (is it the run directory?)")
+    if not (run_dir / "config.yaml").is_file():
+        raise NotOneRun(f"{run_dir} has W&B runs but no config.yaml: not a run directory of pipeline.train")
     ids = {folder.name.rsplit("-", 1)[1] for folder in attempts}
     if len(ids) != 1:
-        raise SystemExit(f"sync_wandb: {run_dir / 'wandb'} holds runs of several ids {sorted(ids)}: "
-                         "one run dir is one W&B run")
+        raise NotOneRun(f"{run_dir / 'wandb'} holds runs of several ids {sorted(ids)}: one run dir is one W&B run")
     cfg = OmegaConf.load(run_dir / "config.yaml")
     rows = merged(attempts)
     out = run_dir / "wandb-merged"
@@ -138,7 +147,11 @@ def main(argv=None) -> int:
     p.add_argument("run_dir", type=Path)
     p.add_argument("--upload", action="store_true", help="run `wandb sync` on the merged run (needs an account)")
     args = p.parse_args(argv)
-    folder, steps, summary_keys = merge(args.run_dir)
+    try:
+        folder, steps, summary_keys = merge(args.run_dir)
+    except NotOneRun as err:
+        print(f"sync_wandb: {err}", file=sys.stderr)
+        return BAD_CONFIG
     attempts = len(list((args.run_dir / "wandb").glob("offline-run-*")))
     print(f"sync_wandb: {attempts} attempt(s) merged into {folder}: {len(steps)} steps "
           f"({steps[0] if steps else '-'}..{steps[-1] if steps else '-'}), each once"

@@ -44,3 +44,22 @@ def test_attempts_merge_into_one_history_with_each_step_once(tmp_path):
     image = merged / "files" / values["eval/tsne"]["path"]
     assert values["eval/tsne"]["_type"] == "image-file" and image.is_file()
     assert np.array_equal(np.asarray(Image.open(image).convert("RGB")), tsne)
+
+
+def test_a_folder_that_is_not_one_runs_offline_w_and_b_is_one_line_and_exit_2(tmp_path, capsys):
+    """A mistyped run dir, a run dir holding another run's folders, or W&B folders without the run's config: one
+    line naming the folder and why, exit 2 (bad input, as every augssl command), nothing written."""
+    assert main([str(tmp_path / "typo")]) == 2
+    assert capsys.readouterr().err.splitlines() == [f"sync_wandb: no offline W&B runs in {tmp_path / 'typo' / 'wandb'}"
+                                                    " (is it the run directory?)"]
+    attempt(tmp_path, [1], 0.0)  # no config.yaml beside it
+    assert main([str(tmp_path)]) == 2
+    assert capsys.readouterr().err.splitlines() == [f"sync_wandb: {tmp_path} has W&B runs but no config.yaml: "
+                                                    "not a run directory of pipeline.train"]
+    OmegaConf.save({"experiment_name": "x", "logger": {"project": "augssl", "entity": None}}, tmp_path / "config.yaml")
+    wandb.init(project="augssl", id="other2", dir=str(tmp_path), mode="offline",
+               settings=wandb.Settings(**SETTINGS)).finish()
+    assert main([str(tmp_path)]) == 2
+    assert capsys.readouterr().err.splitlines() == [f"sync_wandb: {tmp_path / 'wandb'} holds runs of several ids "
+                                                    "['other2', 'sync1']: one run dir is one W&B run"]
+    assert not (tmp_path / "wandb-merged").exists()
