@@ -3,9 +3,10 @@ CPU accelerator, torchrun + gloo, the real loader on digits shards).
 
 Runs train 2 steps at world size 2 and checkpoint: ZeRO 0 (unsharded: any world size loads its checkpoint as it is,
 the reference), ZeRO 1, 2 and 3, each with AdamW and with LARS, ZeRO 2 in bf16 and ZeRO 3 with SGD without momentum
-(no optimizer state). Each checkpoint is then resumed at world size 1 and, in a copy, at world size 3 (both at once;
-the last two at world size 1 only), through the conversion.
-Right after resuming, every fp32 master weight, optimizer state (Adam's moments, LARS's momentum) and BatchNorm buffer,
+(no optimizer state) and ZeRO 2 with SGD with momentum. Each checkpoint is then resumed at world size 1 and, in a
+copy, at world size 3 (both at once; the last three at world size 1 only), through the conversion.
+Right after resuming, every fp32 master weight, optimizer state (Adam's moments, LARS's and SGD's momentum) and
+BatchNorm buffer,
 gathered whole, and each param group's settings must equal what the world-2 run held when it saved; the runs then
 train 2 more steps, whose losses must equal the ZeRO 0 reference's (same optimizer) at that world size, with the data
 position continuing. This file is also the worker: `torchrun ... test_reshard.py PHASE
@@ -28,11 +29,13 @@ BATCH = 12  # global: divides into world sizes 1, 2 and 3
 CASES = {"zero0": (0, "adamw"), "zero1": (1, "adamw"), "zero2": (2, "adamw"), "zero3": (3, "adamw"),
          "bf16": (2, "adamw", "deepspeed.precision=bf16"),
          "zero0_lars": (0, "lars"), "zero1_lars": (1, "lars"), "zero2_lars": (2, "lars"), "zero3_lars": (3, "lars"),
-         "sgd0": (3, "sgd", "optimizer.momentum=0")}  # SGD without momentum keeps no state at all
-STATE = {"adamw": ("exp_avg", "exp_avg_sq"), "lars": ("momentum_buffer",), "sgd": ()}  # per parameter
+         "sgd0": (3, "sgd", "optimizer.momentum=0"),  # SGD without momentum keeps no state at all
+         "zero2_sgd": (2, "sgd")}
+STATE = {"adamw": ("exp_avg", "exp_avg_sq"), "lars": ("momentum_buffer",), "sgd": ("momentum_buffer",)}
 GROUP = {"adamw": ("weight_decay", "eps", "betas"), "lars": ("weight_decay", "momentum", "trust_coefficient", "lars"),
          "sgd": ("weight_decay", "momentum", "dampening")}
-ONE_ONLY = ("bf16", "sgd0")  # resumed at world size 1 only: not worth 3 ranks building an engine on 2 cores
+# resumed at world size 1 only: not worth 3 more ranks building an engine on 2 cores
+ONE_ONLY = ("bf16", "sgd0", "zero2_sgd")
 SHARDED = [case for case, (stage, *_) in CASES.items() if stage and case not in ONE_ONLY]
 WORLDS = {"one": 1, "three": 3}  # the phases that resume, and their world sizes
 
@@ -48,13 +51,18 @@ def cfg_for(shards: str, run_dir: Path, steps: int, stage: int, optimizer: str, 
                           "monitor.knn_every_epochs=0", "checkpoint.every_steps=0", *extra])
 
 
-def full_state(trainer, optimizer_name: str) -> dict:
+def state_keys(case: str) -> tuple[str, ...]:
+    """The optimizer's tensors per parameter in `case`."""
+    return () if case == "sgd0" else STATE[CASES[case][1]]
+
+
+def full_state(trainer, case: str) -> dict:
     """Every parameter's fp32 master copy and optimizer state, gathered whole (collective under ZeRO 3), the buffers,
     the schedule's learning rate, each param group's settings and Adam's step count. Under ZeRO 0 the parameters are
     the fp32 masters and the optimizer is torch's."""
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
-    optimizer = trainer.engine.optimizer
+    optimizer_name, optimizer = CASES[case][1], trainer.engine.optimizer
     if hasattr(optimizer, "_hp_optimizer_states_linked"):  # ZeRO 1/2 link the moments to the parameters at the
         # first step, right after the first param group's update: before the later groups have any. Link them now.
         optimizer._hp_optimizer_states_linked = False
@@ -70,7 +78,7 @@ def full_state(trainer, optimizer_name: str) -> dict:
         out["steps"] = torch.tensor(sorted({float(s["step"]) for s in inner.state.values()}))
     for name, p in trainer.engine.module.named_parameters():
         out[name] = p.detach().clone() if unsharded else safe_get_full_fp32_param(p)
-        for key in STATE[optimizer_name]:
+        for key in state_keys(case):
             out[f"{name}/{key}"] = (optimizer.state[p][key].clone() if unsharded
                                     else safe_get_full_optimizer_state(p, key))
     out.update({f"buffer/{n}": b.clone() for n, b in trainer.engine.module.named_buffers()})
@@ -95,14 +103,14 @@ def worker(phase: str, shards: str, out: str) -> None:
         if phase == "two":  # train and checkpoint; keep the state it saved
             trainer = Trainer(cfg_for(shards, run_dir, SAVED, stage, optimizer, *extra))
             assert trainer.run() == "done"
-            keep(full_state(trainer, optimizer), run_dir / "saved.pt")
+            keep(full_state(trainer, case), run_dir / "saved.pt")
         elif phase == "three" and case in ONE_ONLY:
             continue
         else:  # resume at this world size (max_steps raised: forced); keep the state it resumed with, then train on
             trainer = Trainer(cfg_for(shards, run_dir, RESUMED, stage, optimizer, *extra, "checkpoint.resume=force"))
             assert trainer.step == SAVED
             if stage:
-                keep(full_state(trainer, optimizer), run_dir / "resumed.pt")
+                keep(full_state(trainer, case), run_dir / "resumed.pt")
             assert trainer.run() == "done"
     dist.barrier()
 
@@ -125,14 +133,15 @@ def runs(shards, tmp_path_factory):
 @pytest.mark.parametrize(("case", "phase"), [(case, phase) for case in SHARDED for phase in WORLDS]
                          + [(case, "one") for case in ONE_ONLY])
 def test_a_zero_checkpoint_resumes_at_another_world_size_with_the_same_state(runs, case, phase):
-    """2 ranks -> 1 and 2 ranks -> 3 for ZeRO 1, 2 and 3 with AdamW and with LARS; 2 -> 1 for ZeRO 2 in bf16 and for
-    ZeRO 3 with SGD without momentum (no optimizer state: only the weights travel)."""
+    """2 ranks -> 1 and 2 ranks -> 3 for ZeRO 1, 2 and 3 with AdamW and with LARS; 2 -> 1 for ZeRO 2 in bf16, for
+    ZeRO 3 with SGD without momentum (no optimizer state: only the weights travel) and for ZeRO 2 with SGD with
+    momentum (torch's SGD keeps LARS's state name, `momentum_buffer`)."""
     run_dir = runs / phase / case
     saved = torch.load(runs / "two" / case / "saved.pt", weights_only=True)
     resumed = torch.load(run_dir / "resumed.pt", weights_only=True)
     assert sorted(resumed) == sorted(saved)
     optimizer = CASES[case][1]
-    names = sorted(STATE[optimizer] + ("step",) * (optimizer == "adamw"))
+    names = sorted(state_keys(case) + ("step",) * (optimizer == "adamw"))
     assert [k for k in saved if k.startswith("state names")] == ([f"state names: {','.join(names)}"] if names else [])
     for key, value in saved.items():
         assert value is not None, key
