@@ -247,8 +247,9 @@ augssl_make_shards() {
   local rc=0
   augssl_run_step srun --ntasks=1 "$AUGSSL_PYTHON" "${args[@]}" || rc=$?
   augssl_log "make_shards $dataset/$split ended with exit code $rc"
-  # a conversion's progress is not visible from here: cap the requeues instead (AUGSSL_MAX_REQUEUES, default 10)
-  if [ "$AUGSSL_SIGNALLED" = USR1 ] && [ "${AUGSSL_REQUEUE:-1}" = 1 ] && [ "$rc" -ne 3 ] &&
+  # a conversion's progress is not visible from here: cap the requeues instead (AUGSSL_MAX_REQUEUES, default 10);
+  # bad input (make_shards' exit 2) fails the same way again and is never requeued
+  if [ "$AUGSSL_SIGNALLED" = USR1 ] && [ "${AUGSSL_REQUEUE:-1}" = 1 ] && [ "$rc" -ne 2 ] &&
      [ "$AUGSSL_ATTEMPT" -lt "${AUGSSL_MAX_REQUEUES:-10}" ]; then
     augssl_log "requeueing: the next attempt skips the shards already written"
     scontrol requeue "$SLURM_JOB_ID"
