@@ -5,7 +5,8 @@
 #     sbatch slurm/make_shards.sh --devkit /data/imagenet/ILSVRC2012_devkit_t12
 # SHARDS_SRC: the ImageNet root (train/<wnid>/*.JPEG or ILSVRC2012_img_train.tar, and val/); SHARDS_OUT: a folder every
 # node sees, or an fsspec URL (s3://..., with the project's [s3] extra and the usual AWS_* variables).
-# Other data sets: SHARDS_DATASET=stl10 SHARDS_SPLITS="train test unlabeled" sbatch --array=0-2 slurm/make_shards.sh
+# Other data sets, e.g. STL-10 (its presets pretrain on train+unlabeled and probe on train and test):
+#   SHARDS_DATASET=stl10 SHARDS_SPLITS="train+unlabeled train test" sbatch --array=0-2 slurm/make_shards.sh
 # Arguments after the script go to make_shards.py (--devkit, --val-csv, --samples-per-shard, --verify, ...).
 #SBATCH --job-name=make_shards
 #SBATCH --array=0-1

@@ -35,7 +35,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("dataset", choices=sorted(SOURCES), help="source format")
     p.add_argument("--src", help="dataset folder or file (not needed for digits)")
     p.add_argument("--out", required=True, help="output folder: a path or any fsspec URL (file://, s3://, gs://, memory://)")
-    p.add_argument("--split", action="append", help="split to convert (repeatable; default: all of the dataset's)")
+    p.add_argument("--split", action="append",
+                   help="split to convert (repeatable; default: the dataset's own splits, an image folder's train; "
+                        "STL-10's train+unlabeled, which its presets train on, only when named)")
     p.add_argument("--samples-per-shard", type=int, default=1000)
     p.add_argument("--shard-bytes", type=float, default=0, help="also cut shards at about this many bytes (0: off)")
     p.add_argument("--workers", type=int, default=1, help="writer processes")
