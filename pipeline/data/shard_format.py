@@ -110,6 +110,8 @@ class Manifest:
     def from_json(cls, text: str, where: str = "manifest") -> "Manifest":
         try:
             body = json.loads(text)
+            if not isinstance(body, dict):
+                raise ValueError(f"it holds a JSON {type(body).__name__}, not an object")
             if body.get("format") != FORMAT_VERSION:
                 raise ValueError(f"format {body.get('format')!r} is not {FORMAT_VERSION!r}")
             body.pop("num_samples", None)
