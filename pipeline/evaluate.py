@@ -32,7 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from pipeline.config import schema
 from pipeline.config.compose import VERSION_BASE, exit_if_bad_cli
-from pipeline.exit_codes import BAD_CONFIG, exit_with
+from pipeline.exit_codes import BAD_CONFIG, BAD_DATA, exit_with
 from pipeline.redact import redact, redact_logs, redacted_config
 
 schema.register()
@@ -67,11 +67,19 @@ def take_run_data(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> None:
     """cfg.data takes the run's dataset, root, splits, image size and stem, except what the command line sets."""
     if any(o.lstrip("+~").split("=")[0] == "data" for o in overrides):  # data=X: another dataset on purpose
         return
+    import yaml
+    from omegaconf.errors import OmegaConfBaseException
+
+    from pipeline.config.checks import ConfigError
+
     given = {o.lstrip("+~").split("=")[0] for o in overrides}
-    run_data = OmegaConf.load(run_dir / "config.yaml").data
-    for key in RUN_DATA_KEYS:
-        if f"data.{key}" not in given:
-            cfg.data[key] = run_data[key]
+    try:
+        run_data = OmegaConf.load(run_dir / "config.yaml").data
+        values = {key: run_data[key] for key in RUN_DATA_KEYS if f"data.{key}" not in given}
+    except (OSError, yaml.YAMLError, OmegaConfBaseException) as err:
+        raise ConfigError(f"run dir {run_dir}: config.yaml cannot be read: {' '.join(str(err).split())}") from None
+    for key, value in values.items():
+        cfg.data[key] = value
 
 
 def wandb_summary(run_dir: Path, results: dict, images: dict[str, Path]) -> str | None:
@@ -185,15 +193,20 @@ def write_results(cfg: DictConfig, results: dict, run_dir: Path | None = None) -
 
 @hydra.main(config_path="../configs", config_name="evaluate", version_base=VERSION_BASE)
 def _app(cfg: DictConfig) -> None:
-    from pipeline.config.checks import ConfigError, check_shards
+    from pipeline.config.checks import ConfigError, check_shards, split_manifests
+    from pipeline.data.loading.loader import BadSampleError
+    from pipeline.data.loading.shard_index import ShardError
+    from pipeline.data.shard_format import read_manifest
     from pipeline.device import DeviceError
+    from pipeline.engine.export import read_metadata
 
     redact_logs()
     try:
         try:
-            run_dir, missing = run_dir_of(find_encoder(cfg.encoder)), None
+            encoder = find_encoder(cfg.encoder)
+            run_dir, missing = run_dir_of(encoder), None
         except FileNotFoundError as err:
-            run_dir, missing = None, err
+            encoder, run_dir, missing = None, None, err
         if run_dir is not None:
             take_run_data(cfg, run_dir, list(HydraConfig.get().overrides.task))
             print(f"run dir {run_dir}: data {cfg.data.dataset} at {cfg.data.root} (image size {cfg.data.image_size}, "
@@ -201,7 +214,12 @@ def _app(cfg: DictConfig) -> None:
         check_shards(cfg.data, ("bank", "test"), need_labels=("bank", "test"))
         if missing is not None:
             raise missing
-    except (FileNotFoundError, ConfigError) as err:
+        read_metadata(encoder)
+        bank = read_manifest(split_manifests(cfg.data, ("bank",))["bank"]).num_samples
+        if schema.Protocol.knn in cfg.protocols and cfg.knn_k > bank:
+            raise ConfigError(f"knn_k={cfg.knn_k}: the bank (data.bank_split={cfg.data.bank_split}) holds only {bank} "
+                              "samples")
+    except (FileNotFoundError, ValueError) as err:  # ConfigError is a ValueError, as read_metadata's is
         print(f"pipeline.evaluate: {redact(str(err))}", file=sys.stderr)
         exit_with(BAD_CONFIG)
     from pipeline.evaluation.tsne_plot import SklearnMissing, require_sklearn
@@ -218,6 +236,9 @@ def _app(cfg: DictConfig) -> None:
     except DeviceError as err:
         print(f"pipeline.evaluate: {err}", file=sys.stderr)
         exit_with(BAD_CONFIG)
+    except (ShardError, BadSampleError) as err:  # shards that differ from their manifest, an undecodable image
+        print(f"pipeline.evaluate: {redact(str(err))}", file=sys.stderr)
+        exit_with(BAD_DATA)
     out = write_results(cfg, results, run_dir)
     images = {}
     for name, image in (plots or {}).items():

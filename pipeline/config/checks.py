@@ -28,6 +28,8 @@ def check_values(cfg: DictConfig) -> None:
     found = problems(OmegaConf.to_object(cfg))  # the schema dataclasses, with their fields' constraints
     if found:
         raise ConfigError(found[0])
+    if "protocols" in cfg and not cfg.protocols:
+        raise ConfigError("protocols=[]: name at least one of knn, linear")
     if "method" in cfg and cfg.method.name not in METHODS:
         raise ConfigError(f"method.name={cfg.method.name}: must be one of {', '.join(sorted(METHODS))}")
     if "deepspeed" in cfg:

@@ -138,6 +138,8 @@ def check_run(config_name: str, cfg: DictConfig) -> None:
         check_launch(cfg, world_size)
         check_shards(cfg.data, data_roles(cfg))
     # evaluate checks its shards once it knows the data: an encoder of a run dir takes the run's (pipeline/evaluate.py)
+    if config_name == "evaluate" and cfg.output and not Path(cfg.output).parent.is_dir():
+        raise ConfigError(f"output={cfg.output}: no folder {Path(cfg.output).parent}")
 
 
 def exit_if_bad_cli(config_name: str, program: str) -> None:

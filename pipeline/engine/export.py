@@ -47,8 +47,14 @@ def save_encoder(state: dict[str, torch.Tensor], encoder: ResNet, path: str | os
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
+    """The file's metadata; ValueError when it is not an encoder export (damaged, or another safetensors file)."""
+    from safetensors import SafetensorError
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except SafetensorError as err:
+        raise ValueError(f"{path} is not an exported augssl encoder (unreadable: {err})") from None
     if meta.get("format") != FORMAT:
         raise ValueError(f"{path} is not an exported augssl encoder (format {meta.get('format')!r})")
     return meta
