@@ -68,8 +68,9 @@ def read_status(run_dir: Path | str) -> dict | None:
         return None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise StatusError(f"{path} is unreadable: {err}") from err
-    if not isinstance(record, dict) or record.get("status") not in STATES or not isinstance(record.get("exit_code"),
-                                                                                               int):
+    code = record.get("exit_code") if isinstance(record, dict) else None
+    if (not isinstance(record, dict) or record.get("status") not in STATES or not isinstance(code, int)
+            or isinstance(code, bool)):  # JSON's true is a Python int too
         raise StatusError(f"{path} is not a run status (expected a JSON object with a status of "
                           f"{', '.join(STATES)} and an integer exit_code)")
     return record

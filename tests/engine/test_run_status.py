@@ -57,7 +57,8 @@ def test_a_missing_status_reads_as_none(tmp_path):
 
 
 @pytest.mark.parametrize("text", ['{"status": "do', '["done"]', '{"status": "finished", "exit_code": 0}',
-                                  '{"status": "failed", "exit_code": "3"}', "\xff\xfe"])
+                                  '{"status": "failed", "exit_code": "3"}', '{"status": "failed", "exit_code": true}',
+                                  "\xff\xfe"])
 def test_a_damaged_status_is_named_in_one_line(tmp_path, text):
     (tmp_path / "status.json").write_bytes(text.encode("latin-1"))
     with pytest.raises(StatusError, match=str(tmp_path / "status.json")):
