@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from PIL import Image
 
@@ -31,6 +32,10 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.n < 1 or args.image_size < 0:
         p.error("--n must be at least 1 and --image-size at least 0")
+    out = Path(args.out or f"{args.recipe}-views.png")
+    if not out.parent.is_dir():
+        print(f"preview_augmentations: --out {out}: no folder {out.parent}", file=sys.stderr)
+        return BAD_CONFIG
 
     from pipeline.data.loading.loader import ShardLoader
     from pipeline.data.loading.loader_config import LoaderConfig, LoaderTuning
@@ -50,7 +55,6 @@ def main(argv=None) -> int:
     finally:
         loader.close()
     grid = image_grid({name: batch.views[name][: args.n] for name in views}, loader.mean, loader.std)
-    out = args.out or f"{args.recipe}-views.png"
     Image.fromarray(grid).save(out)
     print(f"{out}: {args.recipe} views {', '.join(f'{n} ({a})' for n, a in views.items())} of {args.n} images from "
           f"{args.manifest}")

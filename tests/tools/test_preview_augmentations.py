@@ -25,3 +25,10 @@ def test_missing_shards_are_one_line_and_exit_2(tmp_path, capsys):
     missing = tmp_path / "none-train.manifest.json"
     assert preview_augmentations.main([str(missing), "--recipe", "simclr"]) == 2
     assert capsys.readouterr().err == f"preview_augmentations: manifest not found: {missing}\n"
+
+
+def test_an_out_path_in_a_folder_that_is_not_there_is_one_line_and_exit_2_before_loading(shards, tmp_path, capsys):
+    out = tmp_path / "no" / "such" / "grid.png"
+    args = [f"{shards}/digits-train.manifest.json", "--recipe", "aag", "--out", str(out)]
+    assert preview_augmentations.main(args) == 2
+    assert capsys.readouterr().err == f"preview_augmentations: --out {out}: no folder {out.parent}\n"
