@@ -4,10 +4,12 @@ convolution has no input gradient to compute), plus its small linear head; and t
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from pipeline.models.resnet import ResNet
+from tests.helpers import REPO
 from tools import estimate_gpu_hours
 
 
@@ -21,3 +23,25 @@ def test_aag_step_is_three_views_forward_and_backward_and_hours_follow():
     expected = 1000 * 50_000 * row["gflops_per_image"] * 1e9 / 100e12 / 3600
     assert (row["epochs"], row["images"], row["batch"]) == (1000, 50_000, 64)
     assert abs(row["gpu_hours"] - expected) < 1e-9
+
+
+def test_the_digits_presets_are_estimated(capsys):
+    """smoke and demo_* train on the digits' 1,438 training images."""
+    presets = sorted(p.stem for p in (REPO / "configs" / "experiment").glob("*.yaml")
+                     if p.stem == "smoke" or p.stem.startswith("demo_"))
+    assert estimate_gpu_hours.main(presets) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 2 + len(presets)
+
+
+def test_what_it_cannot_estimate_is_one_line_and_exit_2(capsys):
+    assert estimate_gpu_hours.main(["nope"]) == 2
+    assert capsys.readouterr().err.startswith("estimate_gpu_hours: nope: In 'train': Could not find 'experiment/nope'")
+    assert estimate_gpu_hours.main(["cifar10_aag", "--override", "optimzer.lr=1"]) == 2
+    assert "optimzer" in capsys.readouterr().err
+    assert estimate_gpu_hours.main(["cifar10_aag", "--override", "data=folder"]) == 2
+    assert capsys.readouterr().err == ("estimate_gpu_hours: cifar10_aag data=folder: no image count for the folder "
+                                       "dataset's train split here; give it with --images N\n")
+    assert estimate_gpu_hours.main(["cifar10_aag", "--override", "data=folder", "--images", "5000"]) == 0
+    with pytest.raises(SystemExit) as exit:
+        estimate_gpu_hours.main(["cifar10_aag", "--tflops", "0"])
+    assert exit.value.code == 2 and "--tflops: must be above 0" in capsys.readouterr().err
