@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import math
 
+from pipeline.arg_types import positive_int
 from pipeline.evaluation.knn import KNNMonitor
 
 LABEL, SCORE = 8, 4  # bytes of an int64 label and of a float32 candidate similarity
@@ -40,12 +41,12 @@ def budget(bank: int, queries: int, dim: int, world: int, k: int, chunk_size: in
 def main(argv=None) -> None:
     defaults = KNNMonitor(num_classes=1)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--bank", type=int, default=1_281_167, help="bank rows, all ranks (ImageNet train)")
-    p.add_argument("--queries", type=int, default=50_000, help="query rows, all ranks (ImageNet val)")
-    p.add_argument("--dim", type=int, default=2048, help="feature dimension (ResNet-50)")
-    p.add_argument("--world", type=int, default=8)
-    p.add_argument("--k", type=int, default=defaults.k)
-    p.add_argument("--chunk-size", type=int, default=defaults.chunk_size, help="queries per rank per round")
+    p.add_argument("--bank", type=positive_int, default=1_281_167, help="bank rows, all ranks (ImageNet train)")
+    p.add_argument("--queries", type=positive_int, default=50_000, help="query rows, all ranks (ImageNet val)")
+    p.add_argument("--dim", type=positive_int, default=2048, help="feature dimension (ResNet-50)")
+    p.add_argument("--world", type=positive_int, default=8)
+    p.add_argument("--k", type=positive_int, default=defaults.k)
+    p.add_argument("--chunk-size", type=positive_int, default=defaults.chunk_size, help="queries per rank per round")
     args = p.parse_args(argv)
     sizes = budget(args.bank, args.queries, args.dim, args.world, args.k, args.chunk_size,
                    defaults.bank_dtype.itemsize)

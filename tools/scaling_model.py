@@ -38,6 +38,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.arg_types import fraction, non_negative_float, non_negative_int, positive_float, positive_int
+
 REPO = Path(__file__).resolve().parents[1]
 PRESETS = {"aasae": "imagenet_aasae", "aag": "imagenet_aag"}
 GPUS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -235,20 +237,42 @@ def validate(ranks=(1, 2, 4), sizes=(4096, 4_000_000, 51_200_000), fit_ranks: in
     return {"latency_s": alpha, "bandwidth_bytes_s": 1 / per_byte, "points": points}
 
 
+def step_time(text: str) -> tuple[str, float]:
+    """--step-time PRESET=SECONDS, a preset of PRESETS and a time above 0."""
+    name, _, seconds = text.partition("=")
+    if name not in PRESETS:
+        raise argparse.ArgumentTypeError(f"{text!r}: PRESET is one of {', '.join(PRESETS)}" if seconds else
+                                         f"{text!r}: expected PRESET=SECONDS")
+    try:
+        return name, positive_float(seconds)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: SECONDS must be a number above 0" if _looks_numeric(seconds)
+                                         else f"{text!r}: expected PRESET=SECONDS") from None
+
+
+def _looks_numeric(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     c = Cluster()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--presets", nargs="+", default=list(PRESETS), choices=list(PRESETS))
-    p.add_argument("--step-time", action="append", default=[], metavar="PRESET=SECONDS",
+    p.add_argument("--step-time", action="append", default=[], metavar="PRESET=SECONDS", type=step_time,
                    help="measured 1-GPU step time of a preset (default: assumed from the goal rate)")
-    p.add_argument("--backward-fraction", type=float, default=2 / 3, help="share of the step spent in backward")
-    p.add_argument("--gpus-per-node", type=int, default=c.gpus_per_node)
-    p.add_argument("--nvlink-gbs", type=float, default=c.nvlink_gbs, help="GB/s per direction per GPU")
-    p.add_argument("--ib-gbs-per-node", type=float, default=c.ib_gbs_per_node, help="GB/s of a node's NICs together")
-    p.add_argument("--nvlink-latency-us", type=float, default=c.nvlink_latency_us)
-    p.add_argument("--ib-latency-us", type=float, default=c.ib_latency_us)
+    p.add_argument("--backward-fraction", type=fraction, default=2 / 3, help="share of the step spent in backward")
+    p.add_argument("--gpus-per-node", type=positive_int, default=c.gpus_per_node)
+    p.add_argument("--nvlink-gbs", type=positive_float, default=c.nvlink_gbs, help="GB/s per direction per GPU")
+    p.add_argument("--ib-gbs-per-node", type=positive_float, default=c.ib_gbs_per_node,
+                   help="GB/s of a node's NICs together")
+    p.add_argument("--nvlink-latency-us", type=non_negative_float, default=c.nvlink_latency_us)
+    p.add_argument("--ib-latency-us", type=non_negative_float, default=c.ib_latency_us)
     p.add_argument("--algorithm", default=c.algorithm, choices=("auto", "ring", "tree"))
-    p.add_argument("--syncbn-group", type=int, default=0,
+    p.add_argument("--syncbn-group", type=non_negative_int, default=0,
                    help="GPUs per SyncBatchNorm group (0: all, as the presets; 8: one node's)")
     p.add_argument("--validate", action="store_true", help="also time gloo all-reduces at 1, 2 and 4 CPU ranks")
     return p.parse_args(argv)
@@ -259,7 +283,7 @@ def run(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     cluster = Cluster(args.gpus_per_node, args.nvlink_gbs, args.ib_gbs_per_node, args.nvlink_latency_us,
                       args.ib_latency_us, args.algorithm)
-    steps = {name: float(value) for name, value in (s.split("=", 1) for s in args.step_time)}
+    steps = dict(args.step_time)
     print(f"cluster: {cluster.gpus_per_node} GPUs per node, NVLink {cluster.nvlink_gbs:.0f} GB/s "
           f"({cluster.nvlink_latency_us} us), InfiniBand {cluster.ib_gbs_per_node:.0f} GB/s per node "
           f"({cluster.ib_latency_us} us), all-reduce {cluster.algorithm}; backward {args.backward_fraction:.2f} of "
