@@ -27,6 +27,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from pipeline.arg_types import positive_float, positive_int  # noqa: E402
 from pipeline.config.checks import ConfigError  # noqa: E402
 from pipeline.config.compose import load  # noqa: E402
 from pipeline.exit_codes import BAD_CONFIG  # noqa: E402
@@ -70,13 +71,11 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("experiments", nargs="+", help="preset names (configs/experiment)")
     p.add_argument("--override", action="append", default=[], help="Hydra override for every preset (repeatable)")
-    p.add_argument("--tflops", type=float, default=ASSUMED_TFLOPS,
+    p.add_argument("--tflops", type=positive_float, default=ASSUMED_TFLOPS,
                    help=f"ASSUMED sustained TFLOP/s of one GPU (default {ASSUMED_TFLOPS:g}, an H100 guess)")
-    p.add_argument("--images", type=int, default=0,
+    p.add_argument("--images", type=positive_int, default=0,
                    help="images in the training split (default: the dataset's known count; needed for an image folder)")
     args = p.parse_args(argv)
-    if not args.tflops > 0 or args.images < 0:
-        p.error(f"--tflops: must be above 0 (got {args.tflops:g}); --images: must be above 0 when given")
     print(f"ESTIMATE at an assumed {args.tflops:g} TFLOP/s sustained; replace with tools/gpu_check.sh's step time")
     print(f"{'preset':<48}{'backbone':>10}{'px':>5}{'batch':>7}{'epochs':>8}{'images':>9}{'GFLOP/img':>11}"
           f"{'GPU-h':>9}")

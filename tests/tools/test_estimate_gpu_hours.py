@@ -44,4 +44,4 @@ def test_what_it_cannot_estimate_is_one_line_and_exit_2(capsys):
     assert estimate_gpu_hours.main(["cifar10_aag", "--override", "data=folder", "--images", "5000"]) == 0
     with pytest.raises(SystemExit) as exit:
         estimate_gpu_hours.main(["cifar10_aag", "--tflops", "0"])
-    assert exit.value.code == 2 and "--tflops: must be above 0" in capsys.readouterr().err
+    assert exit.value.code == 2 and "--tflops: invalid positive number value: '0'" in capsys.readouterr().err
