@@ -29,21 +29,27 @@ import math
 import os
 import random
 import statistics
+import sys
 import tempfile
 import time
+from typing import NoReturn
 
 import numpy as np
 import torch
 import webdataset as wds
 from PIL import Image, ImageEnhance, ImageFilter
 
+from pipeline.arg_types import non_negative_int, positive_float, positive_int
 from pipeline.data.datasets import dataset_info
 from pipeline.data.loading.augmentations import AUGMENTATIONS, ViewSpec, view_specs
 from pipeline.data.loading.loader import ShardLoader
 from pipeline.data.loading.loader_config import LoaderConfig, LoaderTuning
+from pipeline.data.loading.shard_index import ShardError
 from pipeline.data.shard_format import manifest_name, read_manifest
 from pipeline.data.writing.convert import ConvertOptions, convert
 from pipeline.data.writing.sources.base import Record, Source
+from pipeline.device import DeviceError, pick
+from pipeline.exit_codes import BAD_CONFIG
 from pipeline.methods import METHODS
 
 
@@ -202,18 +208,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     data.add_argument("--manifest", help="URL of an existing split's manifest")
     data.add_argument("--synthetic", type=int, choices=(96, 224),
                       help="make STL-10-like (96) or ImageNet-like (224) shards")
-    parser.add_argument("--images", type=int, default=0, help="synthetic images (default 2048 at 96 px, 1536 at 224)")
+    parser.add_argument("--images", type=non_negative_int, default=0,
+                        help="synthetic images (default 2048 at 96 px, 1536 at 224)")
     parser.add_argument("--work", default="", help="folder for synthetic shards (default: a temporary one)")
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--method", choices=sorted(METHODS), help="time the views this method declares (default simclr)")
     which.add_argument("--augmentation", choices=sorted(AUGMENTATIONS), help="time one view of this augmentation")
-    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--batch", type=positive_int, default=128)
     parser.add_argument("--warmup", type=int, default=3, help="untimed batches before each timed round")
-    parser.add_argument("--seconds", type=float, default=3.0, help="at least this long timed per round and side")
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--readers", type=int, default=1, help="DALI byte-reading worker processes")
-    parser.add_argument("--device", default="cpu", help="cpu, or cuda to decode with nvJPEG and augment on the GPU")
-    parser.add_argument("--rounds", type=int, default=3, help="rounds timed per loader, alternating; best counts")
+    parser.add_argument("--seconds", type=positive_float, default=3.0,
+                        help="at least this long timed per round and side")
+    parser.add_argument("--threads", type=positive_int, default=os.cpu_count() or 1)
+    parser.add_argument("--readers", type=positive_int, default=1, help="DALI byte-reading worker processes")
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda to decode with nvJPEG and augment on the GPU "
+                        "(AUGSSL_DEVICE, when set, overrides it, as for the trainer)")
+    parser.add_argument("--rounds", type=positive_int, default=3,
+                        help="rounds timed per loader, alternating; best counts")
     parser.add_argument("--no-reference", action="store_true", help="time the DALI loader only")
     args = parser.parse_args(argv)
     if args.warmup < 1:
@@ -221,19 +231,31 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def _refuse(err: Exception) -> NoReturn:
+    print(f"bench_loader: {err}", file=sys.stderr)
+    raise SystemExit(BAD_CONFIG) from None
+
+
 def run(argv: list[str] | None = None) -> dict:
     """Benchmark as the command line says; prints the figures and returns them: images/s of the DALI loader (best
     and median of the rounds), its start-up seconds, and the reference's and the ratio when there is one."""
     args = parse_args(argv)
+    try:
+        device = pick(args.device)  # as the trainer picks it (AUGSSL_DEVICE first); before any shards are made
+    except DeviceError as err:
+        _refuse(err)
     with tempfile.TemporaryDirectory(dir=args.work or None) as tmp:
         manifest = args.manifest or synthetic_shards(
             args.synthetic, args.images or (2048 if args.synthetic == 96 else 1536), os.path.join(tmp, "shards"))
         views = {"image": args.augmentation} if args.augmentation else METHODS[args.method or "simclr"].views
         cfg = LoaderConfig(manifest=manifest, views=views, batch_size=args.batch,
                            tuning=LoaderTuning(num_threads=args.threads, read_workers=args.readers, prefetch=2,
-                                               device=args.device))
+                                               device=str(device)))
         start = time.perf_counter()
-        loader = ShardLoader(cfg)
+        try:
+            loader = ShardLoader(cfg)
+        except (ShardError, ValueError) as err:  # a manifest or shards it cannot read, settings it refuses
+            _refuse(err)
 
         def dali_epoch():
             for batch in loader:

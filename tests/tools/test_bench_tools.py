@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from tools import bench_loader, bench_train
 
@@ -25,3 +26,25 @@ def test_bench_train_one_rank(shards, tmp_path, capsys):
     assert "1 rank(s) on cpu" in out and "input eff." in out
     assert rows[0]["world_size"] == 1 and rows[0]["real_samples_per_s"] > 0
     assert (tmp_path / "rows.json").exists()
+
+
+@pytest.mark.parametrize(("argv", "says"), [
+    (["--manifest", "/nowhere/x-train.manifest.json"], "bench_loader: manifest not found: /nowhere/x-train.manifest."),
+    (["--synthetic", "96", "--device", "cuda"], "bench_loader: device=cuda, but torch sees no CUDA device"),
+    (["--synthetic", "96", "--device", "banana"], "bench_loader: device='banana': choose one of auto, cpu, cuda"),
+])
+def test_bench_loader_input_it_cannot_use_is_one_line_and_exit_2(argv, says, capsys, monkeypatch):
+    if "cuda" in argv and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    monkeypatch.delenv("AUGSSL_DEVICE")  # the suite's own setting would override --device
+    with pytest.raises(SystemExit) as exit:
+        bench_loader.run([*argv, "--images", "64", "--batch", "16", "--rounds", "1", "--seconds", "0.1"])
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and len(err.splitlines()) == 1 and err.startswith(says), err
+
+
+@pytest.mark.parametrize("option", ["--batch", "--threads", "--readers", "--rounds", "--seconds", "--images"])
+def test_bench_loader_refuses_counts_below_1(option, capsys):
+    with pytest.raises(SystemExit) as exit:
+        bench_loader.parse_args(["--synthetic", "96", option, "0" if option != "--images" else "-5"])
+    assert exit.value.code == 2 and f"argument {option}: invalid" in capsys.readouterr().err
