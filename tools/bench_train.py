@@ -35,6 +35,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from pipeline.arg_types import positive_int
+from pipeline.config.checks import ConfigError, check_launch, check_shards, data_roles
+from pipeline.config.compose import load
+from pipeline.exit_codes import BAD_CONFIG
+
 REPO = Path(__file__).resolve().parents[1]
 WORKER_ARGS = "AUGSSL_BENCH_TRAIN_ARGS"  # the parsed arguments, as JSON, for the torchrun workers
 
@@ -45,14 +50,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dataset", default="digits", help="data config name (configs/data)")
     p.add_argument("--method", default="aasae", choices=("aasae", "vae", "aag", "simclr"))
     p.add_argument("--backbone", default="resnet_small", help="backbone config name (configs/backbone)")
-    p.add_argument("--batch", type=int, default=64, help="global batch per optimizer step")
+    p.add_argument("--batch", type=positive_int, default=64, help="global batch per optimizer step")
     p.add_argument("--precision", default="fp32", choices=("fp32", "bf16", "fp16"))
-    p.add_argument("--stages", type=int, nargs="+", default=[0, 1, 2, 3])
-    p.add_argument("--ranks", type=int, default=2, help="processes (ranks, one per GPU on CUDA) per stage")
+    p.add_argument("--stages", type=int, nargs="+", default=[0, 1, 2, 3], choices=(0, 1, 2, 3))
+    p.add_argument("--ranks", type=positive_int, default=2, help="processes (ranks, one per GPU on CUDA) per stage")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                    help="the train config's device (AUGSSL_DEVICE overrides)")
-    p.add_argument("--steps", type=int, default=20, help="timed optimizer steps per mode")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps before each mode")
+    p.add_argument("--steps", type=positive_int, default=20, help="timed optimizer steps per mode")
+    p.add_argument("--warmup", type=positive_int, default=3, help="untimed steps before each mode")
     p.add_argument("--override", action="append", default=[], help="extra Hydra override (repeatable)")
     p.add_argument("--json", help="also write the rows to this file")
     return p.parse_args(argv)
@@ -95,7 +100,6 @@ def worker(args, stage: int, run_dir: str) -> None:
     import torch
     import torch.distributed as dist
 
-    from pipeline.config.compose import load
     from pipeline.device import pick, prepare_deepspeed
     from pipeline.distributed import resolve
 
@@ -163,6 +167,10 @@ def run(argv: list[str] | None = None) -> list[dict]:
     """Benchmark as the command line says; prints the table and returns its rows (RuntimeError when a stage fails,
     with the tail of its output)."""
     args = parse_args(argv)
+    for stage in args.stages:  # a config that cannot run is one line here, not a torchrun failure per stage
+        cfg = load("train", overrides(args, stage, "run"))
+        check_launch(cfg, args.ranks)
+        check_shards(cfg.data, data_roles(cfg))
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), WORKER_ARGS: json.dumps(vars(args)),
            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     results = []
@@ -191,12 +199,16 @@ def run(argv: list[str] | None = None) -> list[dict]:
     return results
 
 
-def main() -> int:
-    if sys.argv[1:2] == ["--worker-stage"]:
-        worker(argparse.Namespace(**json.loads(os.environ[WORKER_ARGS])), int(sys.argv[2]), sys.argv[3])
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--worker-stage"]:
+        worker(argparse.Namespace(**json.loads(os.environ[WORKER_ARGS])), int(argv[1]), argv[2])
         return 0
     try:
-        run()
+        run(argv)
+    except ConfigError as err:
+        print(f"bench_train: {err}", file=sys.stderr)
+        return BAD_CONFIG
     except RuntimeError as err:
         print(err, file=sys.stderr)
         return 1

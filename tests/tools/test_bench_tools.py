@@ -48,3 +48,23 @@ def test_bench_loader_refuses_counts_below_1(option, capsys):
     with pytest.raises(SystemExit) as exit:
         bench_loader.parse_args(["--synthetic", "96", option, "0" if option != "--images" else "-5"])
     assert exit.value.code == 2 and f"argument {option}: invalid" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("extra", "says"), [
+    (["--dataset", "nope"], "bench_train: In 'train': Could not find 'data/nope'"),
+    (["--backbone", "nope"], "bench_train: In 'train': Could not find 'backbone/nope'"),
+    (["--batch", "7"], "bench_train: data.batch_size=7"),
+    (["--override", "optimzer.lr=1"], "bench_train: unknown config key 'optimzer'"),
+])
+def test_bench_train_refuses_a_config_that_cannot_run_before_starting_torchrun(shards, extra, says, capsys):
+    assert bench_train.main(["--shards", shards, "--ranks", "2", "--stages", "0", *extra]) == 2
+    assert capsys.readouterr().err.startswith(says)
+
+
+def test_bench_train_refuses_missing_shards_and_nonsense_counts(tmp_path, capsys):
+    assert bench_train.main(["--shards", str(tmp_path / "none")]) == 2
+    assert capsys.readouterr().err.startswith("bench_train: data.train_split=train: no manifest")
+    for option, value in (("--ranks", "0"), ("--stages", "7"), ("--steps", "0"), ("--batch", "0")):
+        with pytest.raises(SystemExit) as exit:
+            bench_train.parse_args(["--shards", str(tmp_path), option, value])
+        assert exit.value.code == 2 and f"argument {option}: invalid" in capsys.readouterr().err
