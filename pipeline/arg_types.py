@@ -9,7 +9,7 @@ import math
 def _number(kind: type, name: str, ok):
     def parse(text: str):
         value = kind(text)  # ValueError: argparse says "invalid <name> value"
-        if not (math.isfinite(value) and ok(value)):
+        if not ((kind is int or math.isfinite(value)) and ok(value)):  # an int has no float range to overflow
             raise ValueError(text)
         return value
 

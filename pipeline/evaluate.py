@@ -74,9 +74,11 @@ def take_run_data(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> None:
 
     given = {o.lstrip("+~").split("=")[0] for o in overrides}
     try:
-        run_data = OmegaConf.load(run_dir / "config.yaml").data
+        run_data = OmegaConf.load(run_dir / "config.yaml").get("data")
+        if not isinstance(run_data, DictConfig):
+            raise ValueError("it has no data settings")
         values = {key: run_data[key] for key in RUN_DATA_KEYS if f"data.{key}" not in given}
-    except (OSError, yaml.YAMLError, OmegaConfBaseException) as err:
+    except (OSError, ValueError, yaml.YAMLError, OmegaConfBaseException) as err:  # UnicodeDecodeError: a ValueError
         raise ConfigError(f"run dir {run_dir}: config.yaml cannot be read: {' '.join(str(err).split())}") from None
     for key, value in values.items():
         cfg.data[key] = value
@@ -218,7 +220,7 @@ def _app(cfg: DictConfig) -> None:
         bank = read_manifest(split_manifests(cfg.data, ("bank",))["bank"]).num_samples
         if schema.Protocol.knn in cfg.protocols and cfg.knn_k > bank:
             raise ConfigError(f"knn_k={cfg.knn_k}: the bank (data.bank_split={cfg.data.bank_split}) holds only {bank} "
-                              "samples")
+                              f"samples; set knn_k to at most {bank}, or protocols=[linear]")
     except (FileNotFoundError, ValueError) as err:  # ConfigError is a ValueError, as read_metadata's is
         print(f"pipeline.evaluate: {redact(str(err))}", file=sys.stderr)
         exit_with(BAD_CONFIG)

@@ -247,9 +247,10 @@ augssl_make_shards() {
   local rc=0
   augssl_run_step srun --ntasks=1 "$AUGSSL_PYTHON" "${args[@]}" || rc=$?
   augssl_log "make_shards $dataset/$split ended with exit code $rc"
-  # a conversion's progress is not visible from here: cap the requeues instead (AUGSSL_MAX_REQUEUES, default 10);
-  # bad input (make_shards' exit 2) fails the same way again and is never requeued
-  if [ "$AUGSSL_SIGNALLED" = USR1 ] && [ "${AUGSSL_REQUEUE:-1}" = 1 ] && [ "$rc" -ne 2 ] &&
+  # a conversion's progress is not visible from here: cap the requeues instead (AUGSSL_MAX_REQUEUES, default 10).
+  # Never requeued: a finished conversion (0), bad input (make_shards' 2: it fails the same way again), and a step
+  # that was never launched because the signal came first (augssl_run_step's 3)
+  if [ "$AUGSSL_SIGNALLED" = USR1 ] && [ "${AUGSSL_REQUEUE:-1}" = 1 ] && [[ ! "$rc" =~ ^[023]$ ]] &&
      [ "$AUGSSL_ATTEMPT" -lt "${AUGSSL_MAX_REQUEUES:-10}" ]; then
     augssl_log "requeueing: the next attempt skips the shards already written"
     scontrol requeue "$SLURM_JOB_ID"

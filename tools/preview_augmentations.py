@@ -6,7 +6,8 @@ from a split's shards, written as the grid W&B shows at step 0 (one labelled row
     python tools/preview_augmentations.py MANIFEST --recipe simclr --n 16 --out simclr.png --seed 3
 
 The strengths are those of the manifest's dataset (pipeline/data/datasets.py), at its training image size unless
---image-size says otherwise. Exit 0 with the PNG written; 2 with one line when the shards cannot be read.
+--image-size says otherwise. Exit 0 with the PNG written; 2 with one line when the shards cannot be read or the
+--out folder is not there.
 """
 
 from __future__ import annotations

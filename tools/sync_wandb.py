@@ -107,7 +107,9 @@ class NotOneRun(ValueError):
 def merge(run_dir: Path) -> tuple[Path, list[int], list[str]]:
     """Writes the merged offline run; returns its folder, the steps it holds and the summary keys it carried over."""
     import wandb
+    import yaml
     from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
 
     attempts = sorted((run_dir / "wandb").glob("offline-run-*"))  # named offline-run-<YYYYmmdd_HHMMSS>-<id>
     if not attempts:
@@ -117,11 +119,15 @@ def merge(run_dir: Path) -> tuple[Path, list[int], list[str]]:
     ids = {folder.name.rsplit("-", 1)[1] for folder in attempts}
     if len(ids) != 1:
         raise NotOneRun(f"{run_dir / 'wandb'} holds runs of several ids {sorted(ids)}: one run dir is one W&B run")
-    cfg = OmegaConf.load(run_dir / "config.yaml")
+    try:
+        cfg = OmegaConf.load(run_dir / "config.yaml")
+        project, entity = cfg.logger.project, cfg.logger.entity
+    except (OSError, ValueError, yaml.YAMLError, OmegaConfBaseException) as err:
+        raise NotOneRun(f"{run_dir / 'config.yaml'} cannot be read: {' '.join(str(err).split())}") from None
     rows = merged(attempts)
     out = run_dir / "wandb-merged"
     shutil.rmtree(out, ignore_errors=True)  # a merge replaces the previous one: it holds every attempt so far
-    run = wandb.init(project=cfg.logger.project, entity=cfg.logger.entity, id=ids.pop(), dir=str(out),
+    run = wandb.init(project=project, entity=entity, id=ids.pop(), dir=str(out),
                      mode="offline", name=cfg.experiment_name, config=OmegaConf.to_container(cfg, resolve=True),
                      settings=wandb.Settings(console="off", silent=True, disable_git=True, save_code=False))
     for step, values, folder in rows:

@@ -63,9 +63,11 @@ def check_keys(cfg: DictConfig, path: str = "") -> None:
             check_keys(child, full_key)
 
 
-def load(config_name: str = "train", overrides: list[str] | tuple[str, ...] = (), resolve: bool = True) -> DictConfig:
+def load(config_name: str = "train", overrides: list[str] | tuple[str, ...] = (), resolve: bool = True,
+         allow_missing: bool = False) -> DictConfig:
     """Compose configs/<config_name>.yaml with Hydra's override syntax, as the entry points would, and check its
-    values; raises ConfigError naming the bad key and what is allowed."""
+    values; raises ConfigError naming the bad key and what is allowed, or the values still missing (???) unless
+    `allow_missing`."""
     schema.register()
     GlobalHydra.instance().clear()
     try:
@@ -83,7 +85,7 @@ def load(config_name: str = "train", overrides: list[str] | tuple[str, ...] = ()
         raise ConfigError(explain(err)) from err
     finally:
         GlobalHydra.instance().clear()
-    if missing:
+    if missing and not allow_missing:
         raise ConfigError(f"config values still missing (???): {', '.join(missing)}")
     return cfg
 
@@ -117,7 +119,8 @@ def precheck_cli(config_name: str, argv: list[str]) -> str | None:
     printing = any(a in ("--cfg", "-c", "--info", "-i") or a.startswith(("--cfg=", "--info=")) for a in argv)
     config_name, overrides = cli_overrides(config_name, argv)
     try:
-        cfg = load(config_name, [o for o in overrides if not o.startswith(("hydra.", "hydra/", "+hydra", "~hydra"))])
+        cfg = load(config_name, [o for o in overrides if not o.startswith(("hydra.", "hydra/", "+hydra", "~hydra"))],
+                   allow_missing=printing)  # a printed config may show ??? where the run needs a value
         if not printing:
             check_run(config_name, cfg)
     except ConfigError as err:
@@ -138,8 +141,11 @@ def check_run(config_name: str, cfg: DictConfig) -> None:
         check_launch(cfg, world_size)
         check_shards(cfg.data, data_roles(cfg))
     # evaluate checks its shards once it knows the data: an encoder of a run dir takes the run's (pipeline/evaluate.py)
-    if config_name == "evaluate" and cfg.output and not Path(cfg.output).parent.is_dir():
-        raise ConfigError(f"output={cfg.output}: no folder {Path(cfg.output).parent}")
+    if config_name == "evaluate" and cfg.output:
+        if Path(cfg.output).is_dir():
+            raise ConfigError(f"output={cfg.output}: is a folder; name the JSON file to write")
+        if not Path(cfg.output).parent.is_dir():
+            raise ConfigError(f"output={cfg.output}: no folder {Path(cfg.output).parent}")
 
 
 def exit_if_bad_cli(config_name: str, program: str) -> None:

@@ -125,6 +125,7 @@ def reports(shards, tmp_path_factory) -> dict[str, dict]:
         {"name": "missing shards", "module": "pipeline.train", "args": [*SMOKE, f"data.root={tmp}/nothing"]},
         {"name": "print config", "module": "pipeline.train",
          "args": ["--cfg", "job", *SMOKE, f"data.root={tmp}/nothing"]},
+        {"name": "print evaluate config", "module": "pipeline.evaluate", "args": ["--cfg", "job", "data=digits"]},
         {"name": "print bad config", "module": "pipeline.train",
          "args": ["--cfg", "job", *SMOKE, f"data.root={tmp}/nothing", "optimizer.lr=-1"]},
         {"name": "shard gone", "module": "pipeline.train",
@@ -183,6 +184,7 @@ def test_missing_shards_say_how_to_make_them(reports, tmp_path):
 def test_printing_the_config_needs_no_shards_but_a_valid_config(reports):
     """`--cfg job` prints the composed config and exits: the run's shards are not read, its values still are."""
     assert reports["print config"]["code"] in (0, None), reports["print config"]
+    assert reports["print evaluate config"]["code"] in (0, None), reports["print evaluate config"]  # encoder: ???
     assert reports["print bad config"]["code"] == 2
     assert "optimizer.lr=-1.0: must be > 0" in reports["print bad config"]["stderr"]
 

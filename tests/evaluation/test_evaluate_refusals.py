@@ -26,6 +26,9 @@ def reports(shards, tmp_path_factory) -> dict[str, dict]:
     run = tmp / "run"
     shutil.copytree(tmp / "good", run)
     (run / "config.yaml").write_text("data: [unclosed\n")
+    null_data = tmp / "null-data"
+    shutil.copytree(tmp / "good", null_data)
+    (null_data / "config.yaml").write_text("data: null\n")
     mismatch = tmp / "mismatch"
     shutil.copytree(shards, mismatch)
     manifest = json.loads((mismatch / "digits-train.manifest.json").read_text())
@@ -34,6 +37,8 @@ def reports(shards, tmp_path_factory) -> dict[str, dict]:
     data = ["data=digits", f"data.root={shards}", "linear.epochs=1"]
     cases = {"damaged encoder": [f"encoder={tmp}/damaged", *data],
              "run config": [f"encoder={run}"],
+             "run data null": [f"encoder={null_data}"],
+             "output is a folder": [f"encoder={good}", *data, f"output={tmp}"],
              "no protocol": [f"encoder={good}", *data, "protocols=[]"],
              "output folder": [f"encoder={good}", *data, f"output={tmp}/no/such/out.json"],
              "k above bank": [f"encoder={good}", *data, "knn_k=100000"],
@@ -45,9 +50,12 @@ def reports(shards, tmp_path_factory) -> dict[str, dict]:
 @pytest.mark.parametrize(("case", "code", "says"), [
     ("damaged encoder", 2, r"damaged/encoder.safetensors is not an exported augssl encoder \(unreadable: .*\)"),
     ("run config", 2, r"run dir .*/run: config.yaml cannot be read: "),
+    ("run data null", 2, r"run dir .*/null-data: config.yaml cannot be read: it has no data settings"),
+    ("output is a folder", 2, r"output=.*: is a folder; name the JSON file to write"),
     ("no protocol", 2, r"protocols=\[\]: name at least one of knn, linear"),
     ("output folder", 2, r"output=.*/no/such/out.json: no folder .*/no/such"),
-    ("k above bank", 2, r"knn_k=100000: the bank \(data.bank_split=train\) holds only 1438 samples"),
+    ("k above bank", 2, r"knn_k=100000: the bank \(data.bank_split=train\) holds only 1438 samples; set knn_k to "
+                        r"at most 1438, or protocols=\[linear\]"),
     ("shard mismatch", 4, r"digits-train-000000.tar holds \d+ samples by its index, the manifest says \d+"),
 ])
 def test_a_bad_evaluation_is_one_line_and_its_exit_code(reports, case, code, says):

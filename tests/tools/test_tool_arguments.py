@@ -3,6 +3,7 @@ ZeroDivisionError or a table of negative times: tools/scaling_model.py and tools
 
 import pytest
 
+from pipeline.arg_types import positive_int
 from tools import knn_memory, scaling_model
 
 
@@ -26,7 +27,15 @@ def test_scaling_model_refuses_numbers_that_make_no_sense(argv, says, capsys):
 
 
 @pytest.mark.parametrize("option", ["--bank", "--queries", "--dim", "--world", "--k", "--chunk-size"])
-def test_knn_memory_refuses_sizes_below_1(option, capsys):
+@pytest.mark.parametrize("value", ["0", "-3", "x"])
+def test_knn_memory_refuses_sizes_below_1(option, value, capsys):
     with pytest.raises(SystemExit) as exit:
-        knn_memory.main([option, "0"])
-    assert exit.value.code == 2 and f"{option}: invalid positive int value: '0'" in capsys.readouterr().err
+        knn_memory.main([option, value])
+    assert exit.value.code == 2 and f"{option}: invalid positive int value: '{value}'" in capsys.readouterr().err
+
+
+def test_an_int_beyond_the_float_range_is_checked_without_overflowing():
+    """math.isfinite(10**400) would raise OverflowError, which argparse shows as a traceback."""
+    assert positive_int("1" + "0" * 400) == 10**400
+    with pytest.raises(ValueError):
+        positive_int("-1" + "0" * 400)
