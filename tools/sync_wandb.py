@@ -13,7 +13,8 @@ values that are not history (what `pipeline.evaluate` adds: `eval/...` figures, 
 carried over too, the last one written of each. The merged run keeps the id, project and config, so syncing it
 gives the online run one history. Online runs need none of this: they resume the same id (`resume="allow"`).
 
-Exit status: 0 merged (with --upload: `wandb sync`'s own), 2 the folder is not one run's directory with offline runs.
+Exit status: 0 merged (with --upload: `wandb sync`'s own), 1 W&B did not finish writing the merged run in 120 s, 2 the
+folder is not one run's directory with offline runs.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import shutil
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from pipeline.exit_codes import BAD_CONFIG
@@ -42,6 +44,8 @@ def records(path: Path) -> list[bytes]:
             pos += left
             continue
         _, length, kind = struct.unpack("<IHB", data[pos : pos + HEADER])
+        if pos + HEADER + length > len(data):  # a chunk still being written, or cut off by a kill
+            break
         chunk = data[pos + HEADER : pos + HEADER + length]
         pos += HEADER + length
         if kind == FULL:
@@ -136,7 +140,22 @@ def merge(run_dir: Path) -> tuple[Path, list[int], list[str]]:
     kept = {k: (v, folder) for folder in attempts for k, v in summary(folder).items() if k not in logged}
     run.summary.update({k: _media(v, folder) for k, (v, folder) in kept.items()})
     run.finish()
-    return Path(run.dir).parent, [step for step, _, _ in rows], sorted(kept)
+    merged_folder = Path(run.dir).parent
+    _wait_until_written(merged_folder, [step for step, _, _ in rows])
+    return merged_folder, [step for step, _, _ in rows], sorted(kept)
+
+
+def _wait_until_written(folder: Path, steps: list[int], timeout: float = 120) -> None:
+    """W&B's writer may still be flushing the run's .wandb file when finish() returns (seen under load): wait until
+    the file ends with the run's exit record and holds every step, so that `wandb sync` never uploads a part."""
+    deadline = time.monotonic() + timeout
+    while True:
+        kinds = [record.WhichOneof("record_type") for record in parsed(folder)]
+        if kinds[-1:] == ["exit"] and [step for step, _ in history(folder)] == steps:
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{folder}: W&B did not finish writing the merged run within {timeout:.0f} s")
+        time.sleep(0.1)
 
 
 def _media(value, folder: Path):
@@ -158,6 +177,9 @@ def main(argv=None) -> int:
     except NotOneRun as err:
         print(f"sync_wandb: {err}", file=sys.stderr)
         return BAD_CONFIG
+    except RuntimeError as err:  # the merged run was not written in time: nothing to upload
+        print(f"sync_wandb: {err}", file=sys.stderr)
+        return 1
     attempts = len(list((args.run_dir / "wandb").glob("offline-run-*")))
     print(f"sync_wandb: {attempts} attempt(s) merged into {folder}: {len(steps)} steps "
           f"({steps[0] if steps else '-'}..{steps[-1] if steps else '-'}), each once"

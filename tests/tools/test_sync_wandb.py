@@ -9,7 +9,7 @@ import wandb
 from omegaconf import OmegaConf
 from PIL import Image
 
-from tools.sync_wandb import history, main, summary
+from tools.sync_wandb import history, main, records, summary
 
 SETTINGS = dict(console="off", silent=True, disable_git=True, save_code=False)
 
@@ -66,3 +66,16 @@ def test_a_folder_that_is_not_one_runs_offline_w_and_b_is_one_line_and_exit_2(tm
     assert capsys.readouterr().err.splitlines() == [f"sync_wandb: {tmp_path / 'wandb'} holds runs of several ids "
                                                     "['other2', 'sync1']: one run dir is one W&B run"]
     assert not (tmp_path / "wandb-merged").exists()
+
+
+def test_a_wandb_file_cut_off_mid_record_reads_up_to_its_last_whole_record(tmp_path):
+    """A run killed while writing, or a file still being flushed, ends inside a chunk: the records before it are
+    read, the cut one is not, and nothing raises."""
+    attempt(tmp_path, range(1, 4), 0.0)
+    (log,) = tmp_path.glob("wandb/offline-run-*/run-*.wandb")
+    whole = records(log)
+    data = log.read_bytes()
+    for cut in (1, 5, 40):
+        log.write_bytes(data[:-cut])
+        read = records(log)
+        assert len(whole) - 3 <= len(read) < len(whole) and read == whole[: len(read)], cut
