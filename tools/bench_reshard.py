@@ -25,6 +25,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from pipeline.arg_types import positive_int
+from pipeline.config.checks import ConfigError, check_launch, check_shards, data_roles
+from pipeline.config.compose import load
+from pipeline.exit_codes import BAD_CONFIG
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -35,7 +40,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--method", default="aag", choices=("aasae", "vae", "aag", "simclr"))
     p.add_argument("--stage", type=int, default=2, choices=(1, 2, 3), help="ZeRO stage")
     p.add_argument("--optimizer", default="lars", choices=("lars", "adamw", "sgd", "adam"))
-    p.add_argument("--ranks", type=int, default=2, help="CPU ranks that write the checkpoint")
+    p.add_argument("--ranks", type=positive_int, default=2, help="CPU ranks that write the checkpoint")
     p.add_argument("--keep", help="write the run here and keep it (default: a temporary folder)")
     p.add_argument("--convert", help=argparse.SUPPRESS)  # internal: convert this checkpoint folder, print JSON
     return p.parse_args(argv)
@@ -53,10 +58,10 @@ def convert(folder: Path) -> dict:
 
     before = peak_rss_mib()
     started = time.perf_counter()
-    error = Checkpoints(folder.parent.parent, {})._convert(folder)
+    failed = Checkpoints(folder.parent.parent, {})._convert(folder)  # None, or (the reason, whether room ran out)
     seconds = time.perf_counter() - started
-    if error:
-        raise SystemExit(error)
+    if failed:
+        raise SystemExit(f"bench_reshard: {failed[0]}")
     return {"seconds": seconds, "peak_rss_before_mib": before, "peak_rss_after_mib": peak_rss_mib()}
 
 
@@ -64,16 +69,19 @@ def size_mib(path: Path) -> float:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) / 2**20
 
 
+def train_overrides(args: argparse.Namespace, run_dir: Path) -> list[str]:
+    return ["experiment=smoke", f"method={args.method}", f"backbone={args.backbone}", f"deepspeed=zero{args.stage}",
+            f"optimizer={args.optimizer}", f"data.root={args.shards}", f"run_dir={run_dir}", "max_steps=1",
+            f"data.batch_size={2 * args.ranks}", "logger=none", "logger.progress_bar=false",
+            "monitor.knn_every_epochs=0", "logger.image_every_steps=0", "export_encoder=false"]
+
+
 def run(args: argparse.Namespace, root: Path) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     run_dir = root / "run"
     train = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(args.ranks),
-             "-m", "pipeline.train", "experiment=smoke", f"method={args.method}", f"backbone={args.backbone}",
-             f"deepspeed=zero{args.stage}", f"optimizer={args.optimizer}", f"data.root={args.shards}",
-             f"run_dir={run_dir}",
-             "max_steps=1", f"data.batch_size={2 * args.ranks}", "logger=none", "logger.progress_bar=false",
-             "monitor.knn_every_epochs=0", "logger.image_every_steps=0", "export_encoder=false"]
+             "-m", "pipeline.train", *train_overrides(args, run_dir)]
     started = time.perf_counter()
     subprocess.run(train, cwd=REPO, env=env, check=True, stdout=subprocess.DEVNULL)
     print(f"trained 1 step and checkpointed at {args.ranks} ranks in {time.perf_counter() - started:.0f} s",
@@ -87,11 +95,18 @@ def run(args: argparse.Namespace, root: Path) -> dict:
     return result
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
     args = parse_args(argv)
     if args.convert:
         print(json.dumps(convert(Path(args.convert))))
-        return
+        return 0
+    try:  # a config that cannot run is one line here, not a CalledProcessError from torchrun
+        cfg = load("train", train_overrides(args, Path("run")))
+        check_launch(cfg, args.ranks)
+        check_shards(cfg.data, data_roles(cfg))
+    except ConfigError as err:
+        print(f"bench_reshard: {err}", file=sys.stderr)
+        return BAD_CONFIG
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(args.keep or tmp)
         r = run(args, root)
@@ -101,7 +116,8 @@ def main(argv=None) -> None:
     print(f"conversion: {r['seconds']:.1f} s; peak RSS of the converting process {after:.0f} MiB (torch and "
           f"DeepSpeed imported, before converting: {before:.0f} MiB; added by the conversion: "
           f"{after - before:.0f} MiB)")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

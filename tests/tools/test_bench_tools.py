@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tools import bench_loader, bench_train
+from tools import bench_loader, bench_reshard, bench_train
 
 
 def test_bench_loader_times_aag_views_without_a_reference(tmp_path, capsys):
@@ -68,3 +68,10 @@ def test_bench_train_refuses_missing_shards_and_nonsense_counts(tmp_path, capsys
         with pytest.raises(SystemExit) as exit:
             bench_train.parse_args(["--shards", str(tmp_path), option, value])
         assert exit.value.code == 2 and f"argument {option}: invalid" in capsys.readouterr().err
+
+
+def test_bench_reshard_refuses_a_config_that_cannot_run_before_starting_torchrun(shards, tmp_path, capsys):
+    assert bench_reshard.main(["--shards", str(tmp_path / "none")]) == 2
+    assert capsys.readouterr().err.startswith("bench_reshard: data.train_split=train: no manifest")
+    assert bench_reshard.main(["--shards", shards, "--backbone", "nope"]) == 2
+    assert capsys.readouterr().err.startswith("bench_reshard: In 'train': Could not find 'backbone/nope'")
