@@ -195,10 +195,9 @@ def write_results(cfg: DictConfig, results: dict, run_dir: Path | None = None) -
 
 @hydra.main(config_path="../configs", config_name="evaluate", version_base=VERSION_BASE)
 def _app(cfg: DictConfig) -> None:
-    from pipeline.config.checks import ConfigError, check_shards, split_manifests
+    from pipeline.config.checks import ConfigError, check_shards
     from pipeline.data.loading.loader import BadSampleError
     from pipeline.data.loading.shard_index import ShardError
-    from pipeline.data.shard_format import read_manifest
     from pipeline.device import DeviceError
     from pipeline.engine.export import read_metadata
 
@@ -213,11 +212,10 @@ def _app(cfg: DictConfig) -> None:
             take_run_data(cfg, run_dir, list(HydraConfig.get().overrides.task))
             print(f"run dir {run_dir}: data {cfg.data.dataset} at {cfg.data.root} (image size {cfg.data.image_size}, "
                   f"stem {cfg.data.stem})")
-        check_shards(cfg.data, ("bank", "test"), need_labels=("bank", "test"))
+        bank = check_shards(cfg.data, ("bank", "test"), need_labels=("bank", "test"))["bank"].num_samples
         if missing is not None:
             raise missing
         read_metadata(encoder)
-        bank = read_manifest(split_manifests(cfg.data, ("bank",))["bank"]).num_samples
         if schema.Protocol.knn in cfg.protocols and cfg.knn_k > bank:
             raise ConfigError(f"knn_k={cfg.knn_k}: the bank (data.bank_split={cfg.data.bank_split}) holds only {bank} "
                               f"samples; set knn_k to at most {bank}, or protocols=[linear]")

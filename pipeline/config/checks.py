@@ -113,9 +113,9 @@ def make_shards_command(data: DictConfig, role: str) -> str:
 
 
 def check_shards(data: DictConfig, roles: tuple[str, ...] = ("train", "bank", "test"),
-                 need_labels: tuple[str, ...] = ()) -> None:
+                 need_labels: tuple[str, ...] = ()) -> dict:
     """The manifests of the named splits exist and describe the configured dataset; those of `need_labels` have
-    classes (evaluation scores against labels; training switches its monitors off instead)."""
+    classes (evaluation scores against labels; training switches its monitors off instead). Returns them by role."""
     from pipeline.data.datasets import DATASETS, dataset_info
     from pipeline.data.loading.shard_index import missing_files
     from pipeline.data.shard_format import read_manifest
@@ -126,7 +126,7 @@ def check_shards(data: DictConfig, roles: tuple[str, ...] = ("train", "bank", "t
             split = data[f"{role}_split"]
             if split not in info.splits:
                 raise ConfigError(f"data.{role}_split={split}: {data.dataset} has the splits {', '.join(info.splits)}")
-    classes = {}
+    manifests = {}
     for role, url in split_manifests(data, roles).items():
         try:
             manifest = read_manifest(url)
@@ -156,8 +156,9 @@ def check_shards(data: DictConfig, roles: tuple[str, ...] = ("train", "bank", "t
             raise ConfigError(f"data.{role}_split={data[f'{role}_split']}: the shards at {url} have no labels (an "
                               "unlabelled image folder?); evaluate on labelled splits: data.bank_split=... "
                               "data.test_split=..., or data=... data.root=... for another dataset")
-        classes[role] = manifest.classes
-    labelled = [classes[r] for r in ("bank", "test") if r in classes]
+        manifests[role] = manifest
+    labelled = [manifests[r].classes for r in ("bank", "test") if r in manifests]
     if len(labelled) == 2 and labelled[0] != labelled[1]:
         raise ConfigError(f"data.bank_split={data.bank_split} and data.test_split={data.test_split} have different "
                           f"classes ({len(labelled[0])} vs {len(labelled[1])})")
+    return manifests
