@@ -66,7 +66,7 @@ def test_the_gradient_carrying_gather_runs_over_nccl():
         "import torch, torch.distributed as dist\n"
         "from pipeline.distributed import _AllGatherWithGrad, export, resolve\n"
         "export(resolve()); dist.init_process_group('nccl', device_id=torch.device('cuda', 0))\n"
-        "x = torch.arange(6.0, device='cuda', requires_grad=True).reshape(3, 2)\n"
+        "x = torch.arange(6.0, device='cuda').reshape(3, 2).requires_grad_()  # a leaf: its .grad is kept\n"
         "y = torch.cat(_AllGatherWithGrad.apply(x)); y.sum().backward()  # gather_with_grad skips a world of 1\n"
         "assert torch.equal(y, x) and torch.equal(x.grad, torch.ones_like(x)), (y, x.grad)\n"
         "dist.destroy_process_group(); print('ok')\n")

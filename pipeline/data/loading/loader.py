@@ -233,7 +233,7 @@ class ShardLoader:
         return FsspecReader(self.index.fs, self.index.shard_paths)
 
     def _start(self) -> _Stream:
-        from nvidia.dali import fn, pipeline_def, types
+        from nvidia.dali import backend, fn, pipeline_def, types
         from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
         cfg, gpu = self.tuning, self.device.type == "cuda"
@@ -258,8 +258,9 @@ class ShardLoader:
                        else random_view(images, spec, out, next(drawn)) for spec in views.values()]
             return (*outputs, labels, rows, status)
 
-        # Fork is cheap but unsafe once this process holds a CUDA context; spawn re-imports this package instead.
-        start_method = "spawn" if gpu or torch.cuda.is_initialized() else "fork"
+        # Fork is cheap but unsafe once this process holds a CUDA context, whoever made it (torch, or the GPU pipeline
+        # of another loader: a CPU loader built after one failed on the H100); spawn re-imports this package instead.
+        start_method = "spawn" if gpu or backend.IsDriverInitialized() else "fork"
         # DALI's auto_aug calls operators DALI has deprecated, and DALI forces their warnings on: record and drop them
         with warnings.catch_warnings(record=True):
             # nothing in the graph draws at random (augmentations.py), so DALI's seed changes nothing
