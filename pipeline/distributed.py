@@ -241,8 +241,6 @@ def export(env: DistEnv, environ: dict | None = None) -> DistEnv:
 # ---------------------------------------------------------------------------------------------------- collectives
 
 
-
-
 def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 

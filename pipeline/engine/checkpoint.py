@@ -53,6 +53,8 @@ UNIVERSAL = "universal"  # inside a tag's folder: that checkpoint converted for 
 _TAG = re.compile(r"^step(\d{9})$")
 FORMAT = 2  # of experiment.json; format 1 (no "format" key) held experiment_name, method, backbone, dataset, stem
 _FORMAT_1_NAMES = {"dataset": "data.dataset", "stem": "data.stem", "image_size": "data.image_size"}
+# keys added to the fingerprint after runs were made without them, with the value that does what those runs did
+_ADDED_LATER = {"deepspeed.sync_batchnorm_group": 0}
 
 
 class RunDirError(ConfigError):
@@ -83,7 +85,8 @@ def _compare(saved: dict, fingerprint: dict) -> tuple[dict, bool]:
         return _differences(there, {k: fingerprint.get(k) for k in there}), True
     if not isinstance(saved.get("fingerprint"), dict) or not isinstance(saved.get("forced"), list):
         raise ValueError("not an experiment record")
-    return _differences(saved["fingerprint"], fingerprint), False
+    added = {k: v for k, v in _ADDED_LATER.items() if k in fingerprint}
+    return _differences({**added, **saved["fingerprint"]}, fingerprint), False
 
 
 def _describe(changed: dict) -> str:

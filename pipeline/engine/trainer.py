@@ -48,7 +48,7 @@ from pipeline.data.shard_format import read_manifest
 from pipeline.distributed import all_reduce_sum, resolve
 from pipeline.engine import rng, run_status
 from pipeline.engine.checkpoint import Checkpoints, StorageFull, flat
-from pipeline.engine.deepspeed_engine import BatchGeometry, build_engine, init_distributed
+from pipeline.engine.deepspeed_engine import BatchGeometry, batchnorm_groups, build_engine, init_distributed
 from pipeline.engine.ds_config import MODULE_DTYPES, autocast
 from pipeline.engine.export import encoder_state, save_encoder
 from pipeline.engine.run_logger import RunLogger, duration, image_grid
@@ -100,6 +100,16 @@ def next_command(run_dir: Path, unlabelled: list[str]) -> str:
         return command
     return (f"{command} data=<a labelled dataset> data.root=<its shards> ({' and '.join(unlabelled)} "
             f"{'have' if len(unlabelled) > 1 else 'has'} no labels to evaluate with)")
+
+
+def batchnorm_scope(groups: list[list[int]]) -> str:
+    """Which ranks share BatchNorm statistics, in words, for the banner."""
+    if max(map(len, groups)) == 1:
+        return "BatchNorm per rank"
+    if len(groups) == 1:
+        return f"SyncBatchNorm over all {len(groups[0])} ranks"
+    smaller = f", the last of {len(groups[-1])}" if len(groups[-1]) < len(groups[0]) else ""
+    return f"SyncBatchNorm in {len(groups)} groups of {len(groups[0])} ranks{smaller}"
 
 
 def _memory() -> dict[str, float]:
@@ -175,7 +185,7 @@ class Trainer:
             f"({splits})",
             f"  world size {self.world} on {self.device.type}; batch {g.global_batch} = {g.micro_batch} per rank x "
             f"{self.world} ranks x {self.ga} accumulation; {self.loader.steps_per_epoch // self.ga} steps per epoch, "
-            f"{self.total_steps} steps",
+            f"{self.total_steps} steps; {batchnorm_scope(batchnorm_groups(cfg.deepspeed, self.world))}",
             f"  {self.resumed}; run dir {self.run_dir.resolve()}; {wandb}"])
 
     def _summary(self, status: str, wall_s: float) -> str:

@@ -53,6 +53,7 @@ def test_settings_that_do_not_shape_the_weights_change_freely(base):
     ("method.temperature=0.3", "method.temperature", 0.3),
     ("backbone.width=2", "backbone.width", 2),
     ("monitor.online_probe=false", "monitor.online_probe", False),
+    ("deepspeed.sync_batchnorm_group=8", "deepspeed.sync_batchnorm_group", 8),
 ])
 def test_each_setting_that_shapes_the_weights_is_in_the_fingerprint(base, override, key, value):
     changed = fingerprint(load("train", [*BASE, override]))
@@ -93,3 +94,11 @@ def test_a_run_dir_of_an_older_augssl_is_compared_on_what_it_recorded(tmp_path, 
     record = json.loads((tmp_path / "experiment.json").read_text())
     assert record["fingerprint"] == base and record["forced"][0]["older_format"] is True
     assert Checkpoints(tmp_path, base).claim() == {}
+
+
+def test_a_run_dir_made_before_batchnorm_groups_resumes_as_it_ran(tmp_path, base):
+    """Such runs shared BatchNorm statistics over all ranks, which is group 0; any other group is a change."""
+    Checkpoints(tmp_path, {k: v for k, v in base.items() if k != "deepspeed.sync_batchnorm_group"}).claim()
+    assert Checkpoints(tmp_path, base).claim() == {}
+    with pytest.raises(RunDirError, match="deepspeed.sync_batchnorm_group=0 there, 8 now"):
+        Checkpoints(tmp_path, {**base, "deepspeed.sync_batchnorm_group": 8}).claim()

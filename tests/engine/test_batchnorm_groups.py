@@ -1,0 +1,67 @@
+"""BatchNorm statistics shared within groups of consecutive ranks (`deepspeed.sync_batchnorm_group`): which ranks
+group together, that each rank's SyncBatchNorm layers hold its own group (4 gloo ranks), and that a run whose ranks
+share nothing keeps plain BatchNorm, so that it trains on the CPU."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from omegaconf import OmegaConf
+
+from pipeline.engine.deepspeed_engine import batchnorm_groups
+from pipeline.engine.trainer import batchnorm_scope
+from tests.helpers import REPO
+from tests.helpers.torchrun import environment, run_ranks
+
+WORKER = REPO / "tests" / "helpers" / "batchnorm_group_worker.py"
+
+
+def ds(sync: bool, group: int):
+    return OmegaConf.create({"sync_batchnorm": sync, "sync_batchnorm_group": group})
+
+
+@pytest.mark.parametrize("sync, group, world, expected", [
+    (True, 0, 4, [[0, 1, 2, 3]]),
+    (True, 2, 4, [[0, 1], [2, 3]]),
+    (True, 4, 6, [[0, 1, 2, 3], [4, 5]]),  # an elastic run down to 6 ranks: the last group is smaller
+    (True, 8, 3, [[0, 1, 2]]),
+    (True, 1, 3, [[0], [1], [2]]),
+    (False, 0, 3, [[0], [1], [2]]),
+    (True, 0, 1, [[0]]),
+])
+def test_groups_are_consecutive_ranks(sync, group, world, expected):
+    assert batchnorm_groups(ds(sync, group), world) == expected
+
+
+@pytest.mark.slow
+def test_each_rank_synchronises_batchnorm_within_its_own_group(tmp_path):
+    run_ranks(WORKER, 4, str(tmp_path), timeout=240)
+    seen = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(4)]
+    for r, rank in enumerate(seen):
+        assert rank["group_ranks"] == ([0, 1] if r < 2 else [2, 3])
+        assert rank["group_sum"] == (0 + 1 if r < 2 else 2 + 3)  # an all_reduce over the layers' group
+        assert rank["sync_layers"] == rank["batchnorm_layers"] > 0
+        assert rank["all_ranks"] == [None]  # group 0: the layers use the default (world) group
+
+
+def test_one_cpu_rank_trains_with_sync_batchnorm_on(shards, tmp_path):
+    """The ImageNet presets turn sync_batchnorm on; with nothing to share, a one-process CPU run used to fail in the
+    first forward ("SyncBatchNorm expected input tensor to be on GPU")."""
+    args = ["experiment=smoke", "method=aag", f"data.root={shards}", f"run_dir={tmp_path}", "logger=none",
+            "logger.progress_bar=false", "monitor.knn_every_epochs=0", "max_steps=2", "checkpoint.every_steps=0",
+            "deepspeed.sync_batchnorm=true"]
+    proc = subprocess.run([sys.executable, "-m", "pipeline.train", *args], cwd=REPO, env=environment(), text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    assert "training done at step 2/2" in proc.stdout and "BatchNorm per rank" in proc.stdout
+
+
+@pytest.mark.parametrize("groups, words", [
+    ([[0], [1]], "BatchNorm per rank"),
+    ([[0, 1, 2, 3]], "SyncBatchNorm over all 4 ranks"),
+    ([[0, 1], [2, 3]], "SyncBatchNorm in 2 groups of 2 ranks"),
+    ([[0, 1, 2, 3], [4, 5]], "SyncBatchNorm in 2 groups of 4 ranks, the last of 2"),
+])
+def test_the_banner_says_which_ranks_share_statistics(groups, words):
+    assert batchnorm_scope(groups) == words
