@@ -1,6 +1,7 @@
 #!/usr/bin/env python
 """Predicted step time and weak-scaling efficiency from 1 to 256 GPUs for the ImageNet presets (AASAE, AAG:
-ResNet-50, ZeRO 2, bf16, SyncBatchNorm), and a check of its communication term against gloo on this machine.
+ResNet-50, ZeRO 2, bf16; AAG's BatchNorm synchronised per node, AASAE's per GPU), and a check of its communication
+term against gloo on this machine.
 
     python tools/scaling_model.py                                    # both presets, assumed 1-GPU step times
     python tools/scaling_model.py --step-time aag=0.105 --step-time aasae=0.048   # measured by the GPU check
@@ -14,10 +15,13 @@ compute stays the measured 1-GPU step time and only communication is added. Per 
   buckets; with `overlap_comm` a bucket's reduction starts once backward has produced it (buckets are taken as
   ready evenly over the backward pass, `--backward-fraction` of the step) and only what outlasts backward is exposed.
   The parameter all-gather after the optimizer step is always exposed.
-- SyncBatchNorm: per BatchNorm layer an all-gather of (mean, invstd, count) in forward and an all-reduce of two
+- SyncBatchNorm, over the preset's groups of GPUs (`deepspeed.sync_batchnorm_group`; `--syncbn-group` overrides it
+  for every preset): per BatchNorm layer an all-gather of (mean, invstd, count) in forward and an all-reduce of two
   C-vectors in backward, on the critical path: latency-bound, so it grows with the ring's length.
 - AAG's contrastive loss: an all-gather of every rank's projections with their valid flag (views x N x 129 fp32)
-  and, in backward, an all-reduce of the gathered gradient (the whole gathered tensor, so it grows with n).
+  and, in backward, an all-reduce of the gathered gradient (the whole gathered tensor, so it grows with n). A
+  reduce-scatter would send half the bytes, but as a ring its 255 latency steps at 256 GPUs cost more than a tree
+  all-reduce of these 50 MB (2.5 against 2.1 ms in this model).
 Collective cost (alpha-beta): ring all-reduce 2(n-1) alpha + 2 (n-1)/n B / bw, reduce-scatter and all-gather half
 of that each; tree all-reduce 2 log2(n) alpha + 2 B / bw; `--algorithm auto` takes the cheaper. Within one node of
 `--gpus-per-node` the links are NVLink; beyond it every ring also crosses InfiniBand, whose share per GPU (node's
@@ -35,7 +39,7 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from pipeline.arg_types import fraction, non_negative_float, non_negative_int, positive_float, positive_int
@@ -93,6 +97,7 @@ class Workload:
     overlap_comm: bool
     bucket_params: int
     batchnorm_channels: tuple[int, ...]
+    syncbn_group: int  # GPUs that share BatchNorm statistics (0: all; 1: none, BatchNorm per GPU)
     micro_batch: int
     contrastive_floats_per_rank: int  # 0: no contrastive all-gather
     step_s: float
@@ -121,9 +126,8 @@ def workload(name: str, step_s: float | None) -> Workload:
     return Workload(name, sum(p.numel() for p in model.parameters() if p.requires_grad),
                     2 if ds.precision in ("bf16", "fp16") else 4, ds.zero_stage, ds.overlap_comm,
                     ds.reduce_bucket_size,
-                    tuple(m.num_features for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm))
-                    if ds.sync_batchnorm else (), micro, contrastive,
-                    step_s, assumed)
+                    tuple(m.num_features for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)),
+                    ds.sync_batchnorm_group if ds.sync_batchnorm else 1, micro, contrastive, step_s, assumed)
 
 
 def exposed_gradient_s(w: Workload, reduce_s: float, backward_s: float) -> float:
@@ -137,9 +141,8 @@ def exposed_gradient_s(w: Workload, reduce_s: float, backward_s: float) -> float
     return done - backward_s
 
 
-def predict(w: Workload, n: int, cluster: Cluster, backward_fraction: float, syncbn_group: int = 0) -> dict:
-    """Step time and its communication at n GPUs (seconds); SyncBatchNorm over groups of `syncbn_group` GPUs (0:
-    all of them, as the presets do)."""
+def predict(w: Workload, n: int, cluster: Cluster, backward_fraction: float) -> dict:
+    """Step time and its communication at n GPUs (seconds)."""
     grads = w.params * w.grad_bytes_per_param
     if w.zero_stage == 0:
         reduce_s, gather_s = collective_s("all_reduce", n, grads, cluster), 0.0
@@ -148,7 +151,7 @@ def predict(w: Workload, n: int, cluster: Cluster, backward_fraction: float, syn
                                                                                               cluster)
     if w.zero_stage == 3:
         gather_s *= 3  # parameters gathered in forward and backward too, before use
-    g = min(n, syncbn_group or n)
+    g = min(n, w.syncbn_group or n)
     bn_s = sum(collective_s("all_gather", g, g * (2 * c + 1) * 4, cluster)
                + collective_s("all_reduce", g, 2 * c * 4, cluster) for c in w.batchnorm_channels)
     gathered = n * w.contrastive_floats_per_rank * 4
@@ -161,13 +164,15 @@ def predict(w: Workload, n: int, cluster: Cluster, backward_fraction: float, syn
             "efficiency": w.step_s / step, "grad_bytes": grads, "grad_wire_bytes": ring_bytes("all_reduce", n, grads)}
 
 
-def table(w: Workload, cluster: Cluster, backward_fraction: float, syncbn_group: int = 0, gpus=GPUS) -> list[dict]:
+def table(w: Workload, cluster: Cluster, backward_fraction: float, gpus=GPUS) -> list[dict]:
     """Prints the preset's predictions at each GPU count (saying whether its 1-GPU step was assumed); returns them."""
-    rows = [predict(w, n, cluster, backward_fraction, syncbn_group) for n in gpus]
+    rows = [predict(w, n, cluster, backward_fraction) for n in gpus]
+    batchnorm = {0: "SyncBatchNorm over all GPUs", 1: "BatchNorm per GPU"}.get(
+        w.syncbn_group, f"SyncBatchNorm per {w.syncbn_group} GPUs")
     label = "ASSUMED (goal rate), not measured" if w.step_assumed else "measured"
     print(f"\n{w.name}: {w.params / 1e6:.2f}M parameters, {w.params * w.grad_bytes_per_param / 2**20:.1f} MiB of "
-          f"gradients, ZeRO {w.zero_stage}, overlap_comm {w.overlap_comm}, {len(w.batchnorm_channels)} SyncBatchNorm "
-          f"layers, micro batch {w.micro_batch}/GPU; 1-GPU step {w.step_s * 1e3:.1f} ms {label}")
+          f"gradients, ZeRO {w.zero_stage}, overlap_comm {w.overlap_comm}, {len(w.batchnorm_channels)} BatchNorm "
+          f"layers, {batchnorm}, micro batch {w.micro_batch}/GPU; 1-GPU step {w.step_s * 1e3:.1f} ms {label}")
     print(f"{'GPUs':>5} {'step ms':>9} {'comm ms':>9} {'exposed ms':>11} {'efficiency':>11}   exposed: "
           f"{'grads':>7} {'SyncBN':>7} {'contr.':>7}")
     for r in rows:
@@ -272,8 +277,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--nvlink-latency-us", type=non_negative_float, default=c.nvlink_latency_us)
     p.add_argument("--ib-latency-us", type=non_negative_float, default=c.ib_latency_us)
     p.add_argument("--algorithm", default=c.algorithm, choices=("auto", "ring", "tree"))
-    p.add_argument("--syncbn-group", type=non_negative_int, default=0,
-                   help="GPUs per SyncBatchNorm group (0: all, as the presets; 8: one node's)")
+    p.add_argument("--syncbn-group", type=non_negative_int,
+                   help="GPUs that share BatchNorm statistics, for every preset (0: all; 1: none; 8: one node's); "
+                        "default: each preset's deepspeed.sync_batchnorm and sync_batchnorm_group")
     p.add_argument("--validate", action="store_true", help="also time gloo all-reduces at 1, 2 and 4 CPU ranks")
     return p.parse_args(argv)
 
@@ -287,9 +293,13 @@ def run(argv: list[str] | None = None) -> dict:
     print(f"cluster: {cluster.gpus_per_node} GPUs per node, NVLink {cluster.nvlink_gbs:.0f} GB/s "
           f"({cluster.nvlink_latency_us} us), InfiniBand {cluster.ib_gbs_per_node:.0f} GB/s per node "
           f"({cluster.ib_latency_us} us), all-reduce {cluster.algorithm}; backward {args.backward_fraction:.2f} of "
-          f"the step; SyncBatchNorm over {args.syncbn_group or 'all'} GPUs")
-    out = {name: table(workload(name, steps.get(name)), cluster, args.backward_fraction, args.syncbn_group)
-           for name in args.presets}
+          f"the step")
+    out = {}
+    for name in args.presets:
+        w = workload(name, steps.get(name))
+        if args.syncbn_group is not None:
+            w = replace(w, syncbn_group=args.syncbn_group)
+        out[name] = table(w, cluster, args.backward_fraction)
     if args.validate:
         out["validation"] = validate()
     return out

@@ -563,7 +563,7 @@ def rendezvous_host(replicas: list[Replica], port: int) -> Replica:
 
 
 def test_elastic_pytorchjob_resumes_after_a_scale_down_and_a_scale_up(tmp_path, digits, bin_dir, one_namespace):
-    """overlays/imagenet-aasae-elastic as it ships (ZeRO 2, bf16; no SyncBatchNorm on the CPU), 1 process per pod, up
+    """overlays/imagenet-aasae-elastic as it ships (ZeRO 2, bf16, BatchNorm per rank), 1 process per pod, up
     to 3 pods. Two Workers train; one pod is lost (SIGKILL to its processes) and the other's torchrun restarts its
     trainer alone, which resumes from the checkpoint at world size 1; two pods are added, the running trainer
     checkpoints when torchrun restarts it for them, and the three resume at world size 3. Each resume converts the
@@ -573,9 +573,8 @@ def test_elastic_pytorchjob_resumes_after_a_scale_down_and_a_scale_up(tmp_path, 
     overlay = K8S / "overlays" / "imagenet-aasae-elastic"
     prefix = "/spec/pytorchReplicaSpecs/Worker/template/spec/containers/0"
     trainer = [op for op in one_cpu_trainer(overlay, prefix, ["max_steps=100000", "checkpoint.every_steps=2",
-                                                              "data.batch_size=12", "dist.timeout_s=60",
-                                                              "deepspeed.sync_batchnorm=false"])
-               if op.get("value") != "deepspeed=zero0"]  # the overlay's own DeepSpeed setting, less SyncBatchNorm
+                                                              "data.batch_size=12", "dist.timeout_s=60"])
+               if op.get("value") != "deepspeed=zero0"]  # the overlay's own DeepSpeed setting
     resources = cpu_overlay(tmp_path, overlay, training_literals(digits, runs, cluster), [
         {"target": {"kind": "PyTorchJob"}, "patch": dump(tmp_path / "p.yaml", [
             {"op": "replace", "path": "/spec/elasticPolicy/nProcPerNode", "value": 1},

@@ -56,3 +56,14 @@ def test_validation_against_gloo(capsys):
     out = capsys.readouterr().out
     assert "model/meas." in out and fit["bandwidth_bytes_s"] > 0
     assert {n for n, _, _ in fit["points"]} == {1, 2}
+
+
+def test_batchnorm_groups_come_from_the_presets(aag):
+    """AAG shares BatchNorm statistics within a node of 8, AASAE not at all: the SyncBatchNorm term stops growing
+    at one node, or is never there; over all GPUs it grows with every node added."""
+    assert aag.syncbn_group == 8 and sm.workload("aasae", 0.05).syncbn_group == 1
+    per_node = {r["gpus"]: r["syncbn_s"] for r in sm.table(aag, sm.Cluster(), 2 / 3)}
+    assert 0 < per_node[8] == per_node[256]
+    assert all(r["syncbn_s"] == 0 for r in sm.table(sm.workload("aasae", 0.05), sm.Cluster(), 2 / 3))
+    everywhere = {r["gpus"]: r["syncbn_s"] for r in sm.table(sm.replace(aag, syncbn_group=0), sm.Cluster(), 2 / 3)}
+    assert everywhere[8] == per_node[8] and everywhere[256] > 10 * per_node[256]
