@@ -43,7 +43,7 @@ class LoaderTuning:
     # nvJPEG (CUDA device): the share of images sent to the hardware JPEG decoder (A100/H100) rather than the CUDA
     # one, and the size of its preallocated buffers (0 = DALI's default; ImageNet's typical 500 x 375 avoids
     # regrowing them)
-    hw_decoder_load: float = in_range(0.0, 1.0, 0.65)  # DALI's default; the GPU check measures 0.9-0.99 on H100
+    hw_decoder_load: float = in_range(0.0, 1.0, 0.65)  # DALI's default: not tuned on a GPU yet
     preallocate_width_hint: int = at_least(0, 0)
     preallocate_height_hint: int = at_least(0, 0)
     read_workers: int = at_least(1, 2)  # worker processes that read sample bytes (DALI's parallel external source)
