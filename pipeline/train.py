@@ -10,10 +10,11 @@
 Configs live in configs/ (schemas: pipeline/config/schema.py). A mistyped key stops here, before anything
 starts, with the key and the valid ones. Re-running the same command resumes from the newest checkpoint in run_dir;
 a command whose weight-shaping settings differ from the run's is refused unless checkpoint.resume=force.
-Exit status (pipeline/exit_codes.py): 0 finished, or stopped by SIGTERM/SIGUSR1 after checkpointing (run_dir/status.json
-says which), 1 a failure (such as a loader worker that died), 2 bad config, 3 non-finite loss, 4 unusable data (more
-bad samples than data.max_bad_fraction allows), 5 a checkpoint could not be written for lack of room (the previous
-one is kept), 143 stopped by a signal while blocked (in a collective, a wait) for dist.stop_grace_s.
+Exit status (pipeline/exit_codes.py; a failure is one line on stderr): 0 finished, or stopped by SIGTERM/SIGUSR1
+after checkpointing (run_dir/status.json says which), 1 a failure (such as a loader worker that died), 2 bad config,
+3 non-finite loss, 4 unusable data (more bad samples than data.max_bad_fraction allows), 5 a checkpoint could not be
+written for lack of room (the previous one is kept), 143 stopped by a signal while blocked (in a collective, a wait)
+for dist.stop_grace_s.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import dataclasses
 import logging
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -55,6 +57,12 @@ def sweep_run_dir(cfg: DictConfig) -> None:
     logging.getLogger(__name__).info("sweep job %d: run_dir=%s", job.job.num, cfg.run_dir)
 
 
+def fail(err: Exception, code: int) -> NoReturn:
+    """The one line a failure the user can act on gets, on stderr (the log's progress goes to stdout), then exit."""
+    print(f"pipeline.train: {redact(str(err))}", file=sys.stderr, flush=True)
+    exit_with(code)
+
+
 @hydra.main(config_path="../configs", config_name="train", version_base=VERSION_BASE)
 def _app(cfg: DictConfig) -> None:
     from pipeline.config.checks import ConfigError
@@ -64,8 +72,7 @@ def _app(cfg: DictConfig) -> None:
     try:  # before DeepSpeed is imported: it picks its accelerator then
         prepare_deepspeed(pick(cfg.device, resolve().local_rank))
     except (DeviceError, ValueError) as err:
-        print(f"pipeline.train: {redact(str(err))}", file=sys.stderr)
-        exit_with(BAD_CONFIG)
+        fail(err, BAD_CONFIG)
 
     from pipeline.data.loading.loader import BadSampleError
     from pipeline.data.loading.shard_index import ShardError
@@ -78,20 +85,15 @@ def _app(cfg: DictConfig) -> None:
     try:
         status = Trainer(cfg).run()
     except ConfigError as err:
-        print(f"pipeline.train: {redact(str(err))}", file=sys.stderr)
-        exit_with(BAD_CONFIG)
+        fail(err, BAD_CONFIG)
     except NonFiniteLoss as err:
-        logging.getLogger(__name__).error("%s", err)
-        exit_with(NON_FINITE_LOSS)
+        fail(err, NON_FINITE_LOSS)
     except (BadData, BadSampleError, ShardError) as err:
-        logging.getLogger(__name__).error("%s", err)
-        exit_with(BAD_DATA)
+        fail(err, BAD_DATA)
     except StorageFull as err:
-        logging.getLogger(__name__).error("%s", err)
-        exit_with(STORAGE_FULL)
+        fail(err, STORAGE_FULL)
     except ReaderWorkerDied as err:
-        logging.getLogger(__name__).error("%s", err)
-        exit_with(ERROR)
+        fail(err, ERROR)
     # "done" and "stopped" both exit 0 (FINISHED): a non-zero worker would make torchrun and srun stop the other
     # ranks while they checkpoint; the launch wrappers read status.json and turn "stopped" into 143
     logging.getLogger(__name__).info("training %s", status)
