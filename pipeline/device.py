@@ -32,8 +32,9 @@ def requested(configured: str) -> str:
     return kind
 
 
-def pick(configured: str = "auto", local_rank: int = 0) -> torch.device:
-    """This process's device; on CUDA also makes it the current one."""
+def resolve_device(configured: str = "auto", local_rank: int = 0) -> torch.device:
+    """The device a process of this local rank would compute on, without making it current: a launcher checks its
+    ranks' devices with it before it starts them."""
     kind = requested(configured)
     if kind == "auto":
         kind = "cuda" if torch.cuda.is_available() else "cpu"
@@ -47,9 +48,16 @@ def pick(configured: str = "auto", local_rank: int = 0) -> torch.device:
         raise DeviceError(f"local rank {local_rank} needs cuda:{local_rank}, but this node has {count} CUDA "
                           f"device(s): start at most {count} process(es) per node (torchrun --nproc-per-node, "
                           "srun --ntasks-per-node/--gpus-per-task) or use device=cpu")
-    torch.cuda.set_device(local_rank)
-    torch.backends.cudnn.benchmark = True  # a run's input shapes are fixed: cuDNN's autotuned kernels pay off
     return torch.device("cuda", local_rank)
+
+
+def pick(configured: str = "auto", local_rank: int = 0) -> torch.device:
+    """This process's device; on CUDA also makes it the current one."""
+    device = resolve_device(configured, local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = True  # a run's input shapes are fixed: cuDNN's autotuned kernels pay off
+    return device
 
 
 class _CompilerProbeFilter(logging.Filter):

@@ -38,6 +38,7 @@ from pathlib import Path
 from pipeline.arg_types import positive_int
 from pipeline.config.checks import ConfigError, check_launch, check_shards, data_roles
 from pipeline.config.compose import load
+from pipeline.device import DeviceError, resolve_device
 from pipeline.exit_codes import BAD_CONFIG
 
 REPO = Path(__file__).resolve().parents[1]
@@ -167,6 +168,7 @@ def run(argv: list[str] | None = None) -> list[dict]:
     """Benchmark as the command line says; prints the table and returns its rows (RuntimeError when a stage fails,
     with the tail of its output)."""
     args = parse_args(argv)
+    resolve_device(args.device, args.ranks - 1)  # the last rank's GPU must exist (DeviceError: exit 2)
     for stage in args.stages:  # a config that cannot run is one line here, not a torchrun failure per stage
         cfg = load("train", overrides(args, stage, "run"))
         check_launch(cfg, args.ranks)
@@ -206,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         run(argv)
-    except ConfigError as err:
+    except (ConfigError, DeviceError) as err:
         print(f"bench_train: {err}", file=sys.stderr)
         return BAD_CONFIG
     except RuntimeError as err:

@@ -61,6 +61,13 @@ def test_bench_train_refuses_a_config_that_cannot_run_before_starting_torchrun(s
     assert capsys.readouterr().err.startswith(says)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal of a GPU that is not there")
+def test_bench_train_refuses_a_missing_gpu_before_starting_torchrun(shards, capsys, monkeypatch):
+    monkeypatch.delenv("AUGSSL_DEVICE", raising=False)  # the suite's own override to the CPU
+    assert bench_train.main(["--shards", shards, "--device", "cuda", "--stages", "0"]) == 2
+    assert capsys.readouterr().err.startswith("bench_train: device=cuda, but torch sees no CUDA device")
+
+
 def test_bench_train_refuses_missing_shards_and_nonsense_counts(tmp_path, capsys):
     assert bench_train.main(["--shards", str(tmp_path / "none")]) == 2
     assert capsys.readouterr().err.startswith("bench_train: data.train_split=train: no manifest")
