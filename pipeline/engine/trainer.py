@@ -102,14 +102,17 @@ def next_command(run_dir: Path, unlabelled: list[str]) -> str:
             f"{'have' if len(unlabelled) > 1 else 'has'} no labels to evaluate with)")
 
 
-def batchnorm_scope(groups: list[list[int]]) -> str:
-    """Which ranks share BatchNorm statistics, in words, for the banner."""
-    if max(map(len, groups)) == 1:
+def batchnorm_scope(groups: list[list[int]], per_node: int) -> str:
+    """Which ranks share BatchNorm statistics, in words, for the banner; `per_node`: ranks per node. A group wider
+    than a node is said, as its collectives then cross the network in every BatchNorm layer."""
+    size, nodes = len(groups[0]), -(-len(groups[0]) // per_node)
+    if size == 1:
         return "BatchNorm per rank"
     if len(groups) == 1:
-        return f"SyncBatchNorm over all {len(groups[0])} ranks"
-    smaller = f", the last of {len(groups[-1])}" if len(groups[-1]) < len(groups[0]) else ""
-    return f"SyncBatchNorm in {len(groups)} groups of {len(groups[0])} ranks{smaller}"
+        return f"SyncBatchNorm over all {size} ranks" + (f", {nodes} nodes" if nodes > 1 else "")
+    smaller = f", the last of {len(groups[-1])}" if len(groups[-1]) < size else ""
+    return f"SyncBatchNorm in {len(groups)} groups of {size} ranks{smaller}" + (f", {nodes} nodes each" if nodes > 1
+                                                                                  else "")
 
 
 def _memory() -> dict[str, float]:
@@ -180,12 +183,13 @@ class Trainer:
                      .items()}
             splits += f"; kNN bank {cfg.data.bank_split} {sizes['bank']}, test {cfg.data.test_split} {sizes['test']}"
         wandb = f"W&B {cfg.logger.wandb_mode}, run {self.logger.run_id}" if self.logger.wandb else "W&B disabled"
+        batchnorm = batchnorm_scope(batchnorm_groups(cfg.deepspeed, self.world), self.env.local_world_size)
         return "\n".join([
             f"augssl {cfg.experiment_name}: {cfg.method.name}, {cfg.backbone.arch} on {cfg.data.dataset} "
             f"({splits})",
             f"  world size {self.world} on {self.device.type}; batch {g.global_batch} = {g.micro_batch} per rank x "
             f"{self.world} ranks x {self.ga} accumulation; {self.loader.steps_per_epoch // self.ga} steps per epoch, "
-            f"{self.total_steps} steps; {batchnorm_scope(batchnorm_groups(cfg.deepspeed, self.world))}",
+            f"{self.total_steps} steps; {batchnorm}",
             f"  {self.resumed}; run dir {self.run_dir.resolve()}; {wandb}"])
 
     def _summary(self, status: str, wall_s: float) -> str:

@@ -57,11 +57,13 @@ def test_one_cpu_rank_trains_with_sync_batchnorm_on(shards, tmp_path):
     assert "training done at step 2/2" in proc.stdout and "BatchNorm per rank" in proc.stdout
 
 
-@pytest.mark.parametrize("groups, words", [
-    ([[0], [1]], "BatchNorm per rank"),
-    ([[0, 1, 2, 3]], "SyncBatchNorm over all 4 ranks"),
-    ([[0, 1], [2, 3]], "SyncBatchNorm in 2 groups of 2 ranks"),
-    ([[0, 1, 2, 3], [4, 5]], "SyncBatchNorm in 2 groups of 4 ranks, the last of 2"),
+@pytest.mark.parametrize("groups, per_node, words", [
+    ([[0], [1]], 1, "BatchNorm per rank"),
+    ([[0, 1, 2, 3]], 4, "SyncBatchNorm over all 4 ranks"),
+    ([[0, 1, 2, 3]], 2, "SyncBatchNorm over all 4 ranks, 2 nodes"),
+    ([[0, 1], [2, 3]], 2, "SyncBatchNorm in 2 groups of 2 ranks"),
+    ([[0, 1, 2, 3], [4, 5]], 4, "SyncBatchNorm in 2 groups of 4 ranks, the last of 2"),
+    ([list(range(8)), list(range(8, 16))], 4, "SyncBatchNorm in 2 groups of 8 ranks, 2 nodes each"),  # 4-GPU nodes
 ])
-def test_the_banner_says_which_ranks_share_statistics(groups, words):
-    assert batchnorm_scope(groups) == words
+def test_the_banner_says_which_ranks_share_statistics(groups, per_node, words):
+    assert batchnorm_scope(groups, per_node) == words
