@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """The device check's measurements (tools/gpu_check.sh runs them after the CUDA tests): one table of figures.
 
-    python tools/gpu_check.py --device cuda --out OUT     # one GPU: 224 px, ResNet-50 bf16, about 4 minutes
+    python tools/gpu_check.py --device cuda --out OUT     # one GPU: 224 px, ResNet-50 bf16, about 4-5 minutes
     python tools/gpu_check.py --device cpu --out OUT      # the dry run CI makes: tiny sizes, the same code
 
 1. Synthetic ImageNet-like shards: JPEGs of ImageNet's typical 500 x 375 pixels and about 110 KB (noise over
@@ -19,6 +19,8 @@
    milliseconds per step in forward, backward (with ZeRO's gradient reduction) and the optimizer step, each
    synchronised; peak memory. Against the single 20-step rounds before, this adds 138 steps per preset, about 27 s
    for AAG and 25 s for AASAE on the H100 (0.198 and 0.178 s per batch-256 step, 2026-11-26).
+5. AAG's rounds again with every JPEG sent to the GPU's hardware decoder (data.loader.hw_decoder_load 0.99 against
+   DALI's 0.65): whether the decode's share of the GPU's cores is what the step loses. About 50 s.
 Each section that fails is a row saying how, so one bad section costs no figure of the others. The table is printed
 and written to OUT/summary.md (and OUT/summary.json).
 """
@@ -49,6 +51,7 @@ SIZES = {  # device -> (images, JPEG width x height, view side, train batch, ste
                            "data.loader.read_workers=1"]),
 }
 CLASSES = 8
+HARDWARE_DECODE = 0.99  # data.loader.hw_decoder_load of the loader variant (DALI's default: 0.65)
 
 
 def synthetic_jpegs(folder: Path, count: int, size: tuple[int, int], seed: int = 0, distinct: int = 64) -> float:
@@ -121,10 +124,11 @@ def eval_view_difference(manifest: str, device: str, side: int) -> float:
     return round((first(device) - first("cpu")).abs().mean().item(), 4)
 
 
-def train_rates(root: Path, method: str, size: dict, device: str, work: Path) -> dict:
+def train_rates(root: Path, method: str, size: dict, device: str, work: Path, profile: bool = True) -> dict:
     """Optimizer steps per second of the preset, as images/s through the encoder (views x batch). The channels-last
     synthetic and real-loader rounds alternate, so that a drift of the GPU's clock or a one-off stall moves one
-    round's ratio, not the median that input_efficiency reports."""
+    round's ratio, not the median that input_efficiency reports. `profile`: also NCHW inputs and the step's split
+    into forward, backward and optimizer (a loader variant's run measures its input efficiency only)."""
     import torch
 
     from pipeline.config.compose import load
@@ -197,27 +201,27 @@ def train_rates(root: Path, method: str, size: dict, device: str, work: Path) ->
         real.append(images / seconds)
         waited, elapsed = waited + wait, elapsed + seconds
     ratios = [r / s for r, s in zip(real, synthetic)]
-    nchw = images / synthetic_round(torch.contiguous_format)
-    phases = {"forward": 0.0, "backward": 0.0, "optimizer": 0.0}  # where a step's time goes (synced per phase)
-    views = on_device(fixed, torch.channels_last)
-    for _ in range(steps):
-        tick = time.perf_counter()
-        loss, _ = engine(views, fixed.labels, fixed.valid)
-        sync()
-        mark = time.perf_counter()
-        engine.backward(loss)
-        sync()
-        phases["forward"] += mark - tick
-        phases["backward"] += time.perf_counter() - mark
-        mark = time.perf_counter()
-        engine.step()
-        sync()
-        phases["optimizer"] += time.perf_counter() - mark
     out = {"views": len(views_used), "synthetic_channels_last": round(statistics.median(synthetic), 1),
-           "synthetic_nchw": round(nchw, 1), "real_loader": round(statistics.median(real), 1),
-           "input_efficiency": round(statistics.median(ratios), 3),
-           "input_efficiency_rounds": [round(r, 3) for r in ratios], "data_wait_fraction": round(waited / elapsed, 3),
-           "ms_per_step": {name: round(1000 * t / steps, 1) for name, t in phases.items()}}
+           "real_loader": round(statistics.median(real), 1), "input_efficiency": round(statistics.median(ratios), 3),
+           "input_efficiency_rounds": [round(r, 3) for r in ratios], "data_wait_fraction": round(waited / elapsed, 3)}
+    if profile:
+        out["synthetic_nchw"] = round(images / synthetic_round(torch.contiguous_format), 1)
+        phases = {"forward": 0.0, "backward": 0.0, "optimizer": 0.0}  # where a step's time goes (synced per phase)
+        views = on_device(fixed, torch.channels_last)
+        for _ in range(steps):
+            tick = time.perf_counter()
+            loss, _ = engine(views, fixed.labels, fixed.valid)
+            sync()
+            mark = time.perf_counter()
+            engine.backward(loss)
+            sync()
+            phases["forward"] += mark - tick
+            phases["backward"] += time.perf_counter() - mark
+            mark = time.perf_counter()
+            engine.step()
+            sync()
+            phases["optimizer"] += time.perf_counter() - mark
+        out["ms_per_step"] = {name: round(1000 * t / steps, 1) for name, t in phases.items()}
     if cuda:
         out["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
         torch.cuda.reset_peak_memory_stats()
@@ -288,6 +292,11 @@ def main(argv=None) -> int:
         for method in ("aag", "aasae"):
             section(f"train {method}: encoder images/s", lambda m=method: train_rates(work / "shards", m, size,
                                                                                         args.device, work / "runs"))
+        # whether decoding on the hardware JPEG decoder alone leaves the step more of the GPU's cores (DALI's default
+        # sends 35% of the images to nvJPEG's CUDA path)
+        hardware = dict(size, overrides=[*size["overrides"], f"data.loader.hw_decoder_load={HARDWARE_DECODE}"])
+        section(f"train aag, hw_decoder_load {HARDWARE_DECODE}: input efficiency",
+                lambda: train_rates(work / "shards", "aag", hardware, args.device, work / "runs_hw", profile=False))
     print(write_summary(out, rows))
     return 1 if any(isinstance(v, str) and v.startswith("FAILED") for _, v in rows) else 0
 

@@ -40,10 +40,10 @@ step() {  # step NAME SECONDS COMMAND...: bounded, logged to $OUT/NAME.log, its 
 }
 echo "| step | outcome | time |" > "$OUT/steps.md"
 echo "|---|---|---|" >> "$OUT/steps.md"
-step imports 90 "$PY" -c "import torch, deepspeed, nvidia.dali, hydra, webdataset, pytest
+step imports 60 "$PY" -c "import torch, deepspeed, nvidia.dali, hydra, webdataset, pytest
 print('torch', torch.__version__, 'cuda', torch.version.cuda, 'gpu', torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)
 print('dali', nvidia.dali.__version__, 'deepspeed', deepspeed.__version__, 'hydra', hydra.__version__)"
-step gpu_tests 150 "$PY" -m pytest tests/test_gpu.py -q -rs -p no:cacheprovider
-step measurements 240 "$PY" tools/gpu_check.py --device "$DEV" --out "$OUT"
+step gpu_tests 120 "$PY" -m pytest tests/test_gpu.py -q -rs -p no:cacheprovider
+step measurements 300 "$PY" tools/gpu_check.py --device "$DEV" --out "$OUT"
 cat "$OUT/steps.md"
 exit $status
