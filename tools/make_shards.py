@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import os
 import posixpath
 import sys
 
@@ -89,6 +90,10 @@ def main(argv=None) -> int:
     dataset = (args.name or "folder") if args.dataset == "folder" else args.dataset
     splits = args.split or list(DATASETS[args.dataset].default_splits)
     manifests = [posixpath.join(args.out, manifest_name(dataset, split)) for split in splits]
+    if args.verify_only and "://" not in args.out and not os.path.isdir(args.out):
+        print(f"make_shards: error: --out {args.out}: no such folder, so no shards to verify (--verify-only checks a "
+              "folder converted before)", file=sys.stderr)
+        return 2
     try:
         opts = ConvertOptions(samples_per_shard=args.samples_per_shard, max_shard_bytes=int(args.shard_bytes),
                               workers=args.workers, shuffle=not args.no_shuffle, seed=args.seed,

@@ -122,6 +122,14 @@ def test_verify_catches_one_flipped_byte(tmp_path):
     assert repaired.returncode == 0 and "3 already complete" in repaired.stdout  # the bad shard was rewritten
 
 
+def test_verify_only_on_a_folder_that_does_not_exist_is_a_bad_command(tmp_path):
+    """A mistyped --out is not "problems found" (exit 1, which reads as damaged shards): one line and exit 2."""
+    result = run_tool("digits", "--out", str(tmp_path / "mistyped"), "--verify-only")
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr == (f"make_shards: error: --out {tmp_path / 'mistyped'}: no such folder, so no shards to "
+                             "verify (--verify-only checks a folder converted before)\n")
+
+
 def test_partial_shards_never_appear_under_final_names(tmp_path):
     """A write that fails mid-shard leaves nothing under a final name; the next run finishes the job."""
     make_imagenet_train(str(tmp_path / "src"))
