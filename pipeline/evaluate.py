@@ -34,6 +34,7 @@ from pipeline.config import schema
 from pipeline.config.compose import VERSION_BASE, exit_if_bad_cli
 from pipeline.exit_codes import BAD_CONFIG, BAD_DATA, exit_with
 from pipeline.redact import redact, redact_logs, redacted_config
+from pipeline.run_config import read_run_config
 
 schema.register()
 PROTOCOLS = tuple(p.value for p in schema.Protocol)
@@ -63,38 +64,31 @@ def run_dir_of(encoder: Path) -> Path | None:
     return None
 
 
-def take_run_data(cfg: DictConfig, run_dir: Path, overrides: list[str]) -> None:
+def data_given(overrides: list[str]) -> bool:
+    """Whether the command line chose another data group (`data=X`): then none of the run's data settings apply."""
+    return any(o.lstrip("+~").split("=")[0] == "data" for o in overrides)
+
+
+def take_run_data(cfg: DictConfig, run_data: DictConfig, overrides: list[str]) -> None:
     """cfg.data takes the run's dataset, root, splits, image size and stem, except what the command line sets."""
-    if any(o.lstrip("+~").split("=")[0] == "data" for o in overrides):  # data=X: another dataset on purpose
-        return
-    import yaml
-    from omegaconf.errors import OmegaConfBaseException
-
-    from pipeline.config.checks import ConfigError
-
     given = {o.lstrip("+~").split("=")[0] for o in overrides}
-    try:
-        run_data = OmegaConf.load(run_dir / "config.yaml").get("data")
-        if not isinstance(run_data, DictConfig):
-            raise ValueError("it has no data settings")
-        values = {key: run_data[key] for key in RUN_DATA_KEYS if f"data.{key}" not in given}
-    except (OSError, ValueError, yaml.YAMLError, OmegaConfBaseException) as err:  # UnicodeDecodeError: a ValueError
-        raise ConfigError(f"run dir {run_dir}: config.yaml cannot be read: {' '.join(str(err).split())}") from None
-    for key, value in values.items():
-        cfg.data[key] = value
+    for key in RUN_DATA_KEYS:
+        if f"data.{key}" not in given and key in run_data:
+            cfg.data[key] = run_data[key]
 
 
-def wandb_summary(run_dir: Path, results: dict, images: dict[str, Path]) -> str | None:
+def wandb_summary(run_dir: Path, logger: DictConfig | None, results: dict, images: dict[str, Path]) -> str | None:
     """The results as summary values of the run's own W&B run (id from run_dir/wandb/latest-run), in the mode and
-    project the run used, with `images` (eval/<name>: a PNG); returns the run id, or None when the run had no W&B."""
-    run_cfg = OmegaConf.load(run_dir / "config.yaml").logger
+    project the run used (`logger`: its logger settings), with `images` (eval/<name>: a PNG); returns the run id, or
+    None when the run had no W&B."""
     latest = run_dir / "wandb" / "latest-run"
-    if run_cfg.wandb_mode == "disabled" or not latest.exists():
+    if logger is None or logger.get("wandb_mode", "disabled") == "disabled" or not latest.exists():
         return None
     import wandb
 
-    run = wandb.init(project=run_cfg.project, entity=run_cfg.entity, id=latest.resolve().name.rsplit("-", 1)[1],
-                     resume="allow", dir=str(run_dir), mode=run_cfg.wandb_mode,
+    run = wandb.init(project=logger.get("project"), entity=logger.get("entity"),
+                     id=latest.resolve().name.rsplit("-", 1)[1], resume="allow", dir=str(run_dir),
+                     mode=logger.wandb_mode,
                      settings=wandb.Settings(console="off", silent=True, disable_git=True, save_code=False))
     run.summary.update({f"eval/{name}/{k}": results[name][k] for name in PROTOCOLS if name in results
                         for k in ("top1", "top5")} | {"eval/step": results["step"], "eval/dataset": results["dataset"]}
@@ -208,8 +202,13 @@ def _app(cfg: DictConfig) -> None:
             run_dir, missing = run_dir_of(encoder), None
         except FileNotFoundError as err:
             encoder, run_dir, missing = None, None, err
+        run_logger = None
         if run_dir is not None:
-            take_run_data(cfg, run_dir, list(HydraConfig.get().overrides.task))
+            overrides = list(HydraConfig.get().overrides.task)
+            run_cfg = read_run_config(run_dir, () if data_given(overrides) else ("data",))
+            run_logger = run_cfg.get("logger")
+            if not data_given(overrides):
+                take_run_data(cfg, run_cfg.data, overrides)
             print(f"run dir {run_dir}: data {cfg.data.dataset} at {cfg.data.root} (image size {cfg.data.image_size}, "
                   f"stem {cfg.data.stem})")
         bank = check_shards(cfg.data, ("bank", "test"), need_labels=("bank", "test"))["bank"].num_samples
@@ -244,7 +243,7 @@ def _app(cfg: DictConfig) -> None:
     for name, image in (plots or {}).items():
         images[name] = out.with_name(f"{out.stem}_{name}.png")
         image.save(images[name])
-    wandb_id = None if run_dir is None else wandb_summary(run_dir, results, images)
+    wandb_id = None if run_dir is None else wandb_summary(run_dir, run_logger, results, images)
     print(f"{'protocol':<12}{'top-1':>8}{'top-5':>8}   ({results['encoder']}, {cfg.data.dataset}: "
           f"{results['train_samples']} train / {results['test_samples']} test)")
     labels = {"knn": f"knn k={cfg.knn_k}", "linear": "linear"}  # k decides the figure: say which

@@ -111,9 +111,9 @@ class NotOneRun(ValueError):
 def merge(run_dir: Path) -> tuple[Path, list[int], list[str]]:
     """Writes the merged offline run; returns its folder, the steps it holds and the summary keys it carried over."""
     import wandb
-    import yaml
     from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
+
+    from pipeline.run_config import read_run_config
 
     attempts = sorted((run_dir / "wandb").glob("offline-run-*"))  # named offline-run-<YYYYmmdd_HHMMSS>-<id>
     if not attempts:
@@ -124,10 +124,10 @@ def merge(run_dir: Path) -> tuple[Path, list[int], list[str]]:
     if len(ids) != 1:
         raise NotOneRun(f"{run_dir / 'wandb'} holds runs of several ids {sorted(ids)}: one run dir is one W&B run")
     try:
-        cfg = OmegaConf.load(run_dir / "config.yaml")
-        project, entity = cfg.logger.project, cfg.logger.entity
-    except (OSError, ValueError, yaml.YAMLError, OmegaConfBaseException) as err:
-        raise NotOneRun(f"{run_dir / 'config.yaml'} cannot be read: {' '.join(str(err).split())}") from None
+        cfg = read_run_config(run_dir, ("logger",))
+    except ValueError as err:
+        raise NotOneRun(str(err)) from None
+    project, entity = cfg.logger.get("project"), cfg.logger.get("entity")
     rows = merged(attempts)
     out = run_dir / "wandb-merged"
     shutil.rmtree(out, ignore_errors=True)  # a merge replaces the previous one: it holds every attempt so far

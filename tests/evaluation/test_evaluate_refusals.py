@@ -1,7 +1,7 @@
 """What a user can get wrong when evaluating stops `python -m pipeline.evaluate` with one line and its exit code
 (docs/exit-codes.md), before the features are extracted where it can be known then: a damaged encoder file, a run
-dir whose config.yaml is not one, no protocol, an output folder that is not there, a k larger than the bank; and
-shards that differ from their manifest exit 4 (BAD_DATA), as in training."""
+dir whose config.yaml is not one (also when the command line gives the data), no protocol, an output folder that is
+not there, a k larger than the bank; and shards that differ from their manifest exit 4 (BAD_DATA), as in training."""
 
 import json
 import re
@@ -37,6 +37,7 @@ def reports(shards, tmp_path_factory) -> dict[str, dict]:
     data = ["data=digits", f"data.root={shards}", "linear.epochs=1"]
     cases = {"damaged encoder": [f"encoder={tmp}/damaged", *data],
              "run config": [f"encoder={run}"],
+             "run config, data given": [f"encoder={run}", *data],  # its W&B settings are still read from it
              "run data null": [f"encoder={null_data}"],
              "output is a folder": [f"encoder={good}", *data, f"output={tmp}"],
              "no protocol": [f"encoder={good}", *data, "protocols=[]"],
@@ -50,6 +51,7 @@ def reports(shards, tmp_path_factory) -> dict[str, dict]:
 @pytest.mark.parametrize(("case", "code", "says"), [
     ("damaged encoder", 2, r"damaged/encoder.safetensors is not an exported augssl encoder \(unreadable: .*\)"),
     ("run config", 2, r"run dir .*/run: config.yaml cannot be read: "),
+    ("run config, data given", 2, r"run dir .*/run: config.yaml cannot be read: "),
     ("run data null", 2, r"run dir .*/null-data: config.yaml cannot be read: it has no data settings"),
     ("output is a folder", 2, r"output=.*: is a folder; name the JSON file to write"),
     ("no protocol", 2, r"protocols=\[\]: name at least one of knn, linear"),

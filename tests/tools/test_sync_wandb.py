@@ -58,7 +58,7 @@ def test_a_folder_that_is_not_one_runs_offline_w_and_b_is_one_line_and_exit_2(tm
                                                     "not a run directory of pipeline.train"]
     (tmp_path / "config.yaml").write_text("logger: [unclosed\n")
     assert main([str(tmp_path)]) == 2
-    assert capsys.readouterr().err.startswith(f"sync_wandb: {tmp_path / 'config.yaml'} cannot be read: ")
+    assert capsys.readouterr().err.startswith(f"sync_wandb: run dir {tmp_path}: config.yaml cannot be read: ")
     OmegaConf.save({"experiment_name": "x", "logger": {"project": "augssl", "entity": None}}, tmp_path / "config.yaml")
     wandb.init(project="augssl", id="other2", dir=str(tmp_path), mode="offline",
                settings=wandb.Settings(**SETTINGS)).finish()
