@@ -215,9 +215,9 @@ class Checkpoints:
         else:
             why = ("has an experiment.json of an older augssl, which recorded only the experiment name, method, "
                    "backbone, dataset, stem and image size (all match); the other settings cannot be checked")
-        return (f"run_dir={self.run_dir} {why}. Choose another run_dir, or pass checkpoint.resume=force to continue "
-                "its checkpoints with this command's settings on purpose (e.g. more epochs, a lower lr after a "
-                "divergence)")
+        return (f"run_dir={self.run_dir} {why}. Choose another run_dir, set the values it was made with, or pass "
+                "checkpoint.resume=force to continue its checkpoints with this command's settings on purpose (e.g. "
+                "more epochs, a lower lr after a divergence)")
 
     # -- listing and verification ---------------------------------------------------------------------------------
     def complete_tags(self) -> list[str]:

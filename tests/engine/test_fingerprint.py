@@ -53,7 +53,6 @@ def test_settings_that_do_not_shape_the_weights_change_freely(base):
     ("method.temperature=0.3", "method.temperature", 0.3),
     ("backbone.width=2", "backbone.width", 2),
     ("monitor.online_probe=false", "monitor.online_probe", False),
-    ("deepspeed.sync_batchnorm_group=8", "deepspeed.sync_batchnorm_group", 8),
 ])
 def test_each_setting_that_shapes_the_weights_is_in_the_fingerprint(base, override, key, value):
     changed = fingerprint(load("train", [*BASE, override]))
@@ -96,9 +95,19 @@ def test_a_run_dir_of_an_older_augssl_is_compared_on_what_it_recorded(tmp_path, 
     assert Checkpoints(tmp_path, base).claim() == {}
 
 
-def test_a_run_dir_made_before_batchnorm_groups_resumes_as_it_ran(tmp_path, base):
+def test_the_batchnorm_group_counts_only_when_ranks_synchronise_batchnorm():
+    """Without sync_batchnorm no rank shares statistics: a group then changes nothing and must not block a resume."""
+    alone = fingerprint(load("train", ["experiment=imagenet_aasae"]))
+    assert alone["deepspeed.sync_batchnorm"] is False and "deepspeed.sync_batchnorm_group" not in alone
+    assert fingerprint(load("train", ["experiment=imagenet_aasae", "deepspeed.sync_batchnorm_group=2"])) == alone
+    assert fingerprint(load("train", ["experiment=imagenet_aag"]))["deepspeed.sync_batchnorm_group"] == 8
+
+
+def test_a_run_dir_made_before_batchnorm_groups_resumes_as_it_ran(tmp_path):
     """Such runs shared BatchNorm statistics over all ranks, which is group 0; any other group is a change."""
-    Checkpoints(tmp_path, {k: v for k, v in base.items() if k != "deepspeed.sync_batchnorm_group"}).claim()
-    assert Checkpoints(tmp_path, base).claim() == {}
+    synced = fingerprint(load("train", [*BASE, "deepspeed.sync_batchnorm=true"]))
+    assert synced["deepspeed.sync_batchnorm_group"] == 0
+    Checkpoints(tmp_path, {k: v for k, v in synced.items() if k != "deepspeed.sync_batchnorm_group"}).claim()
+    assert Checkpoints(tmp_path, synced).claim() == {}
     with pytest.raises(RunDirError, match="deepspeed.sync_batchnorm_group=0 there, 8 now"):
-        Checkpoints(tmp_path, {**base, "deepspeed.sync_batchnorm_group": 8}).claim()
+        Checkpoints(tmp_path, {**synced, "deepspeed.sync_batchnorm_group": 8}).claim()

@@ -58,9 +58,9 @@ def test_a_run_dir_made_with_another_lr_is_refused_naming_both_values(shared):
     assert proc.stdout.splitlines().count("training done") == 1 and "Traceback" not in proc.stdout + proc.stderr
     refusals = [line for line in proc.stderr.splitlines() if line.startswith("pipeline.train: ")]
     assert refusals == [f"pipeline.train: run_dir={run} holds a run made with other settings that shape the weights: "
-                        "optimizer.lr=0.01 there, 0.02 now. Choose another run_dir, or pass checkpoint.resume=force "
-                        "to continue its checkpoints with this command's settings on purpose (e.g. more epochs, a "
-                        "lower lr after a divergence)"]
+                        "optimizer.lr=0.01 there, 0.02 now. Choose another run_dir, set the values it was made with, "
+                        "or pass checkpoint.resume=force to continue its checkpoints with this command's settings on "
+                        "purpose (e.g. more epochs, a lower lr after a divergence)"]
     assert json.loads((run / "experiment.json").read_text())["fingerprint"]["optimizer.lr"] == 0.01
     assert read_status(run)["status"] == "done"  # the refused job wrote nothing
 
