@@ -130,15 +130,19 @@ def precheck_cli(config_name: str, argv: list[str]) -> str | None:
 
 def check_run(config_name: str, cfg: DictConfig) -> None:
     """What a run of the entry point `config_name` needs beyond a valid config: its shards, and for training a
-    global batch that this launch's world size divides."""
+    global batch that this launch's world size divides and a device for ranks that share BatchNorm statistics."""
     if config_name == "train":
+        from pipeline.device import DeviceError, resolve_device
         from pipeline.distributed import DistEnvError, resolve
+        from pipeline.engine.batchnorm_groups import check_batchnorm_device
 
         try:
-            world_size = resolve().world_size
-        except DistEnvError as err:
-            raise ConfigError(f"launch environment: {err}") from None
-        check_launch(cfg, world_size)
+            env = resolve()
+            device = resolve_device(cfg.device, env.local_rank)
+        except (DistEnvError, DeviceError) as err:
+            raise ConfigError(f"launch environment: {err}" if isinstance(err, DistEnvError) else str(err)) from None
+        check_launch(cfg, env.world_size)
+        check_batchnorm_device(cfg.deepspeed, env.world_size, device)
         check_shards(cfg.data, data_roles(cfg))
     # evaluate checks its shards once it knows the data: an encoder of a run dir takes the run's (pipeline/evaluate.py)
     if config_name == "evaluate" and cfg.output:

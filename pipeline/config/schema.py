@@ -138,7 +138,7 @@ class DeepSpeedConfig:
     offload_optimizer: bool = False  # ZeRO 1-3: optimizer states and step on the CPU
     offload_params: bool = False  # ZeRO 3: parameters on the CPU
     grad_clip: float = at_least(0.0, 0.0)  # global gradient-norm clipping; 0 = off
-    sync_batchnorm: bool = False  # convert BatchNorm to SyncBatchNorm (needs a CUDA device)
+    sync_batchnorm: bool = False  # convert BatchNorm to SyncBatchNorm (CUDA devices, where ranks share statistics)
     # ranks that share BatchNorm statistics under sync_batchnorm, in groups of consecutive ranks (torchrun and Slurm
     # number a node's GPUs consecutively, so 8 = one node of 8 GPUs); 0 = all ranks. The last group may be smaller
     sync_batchnorm_group: int = at_least(0, 0)

@@ -3,9 +3,8 @@
 1. The distributed environment is resolved once (pipeline.distributed) and handed to deepspeed.init_distributed:
    gloo on the CPU, NCCL on CUDA.
 2. BatchNorm becomes SyncBatchNorm BEFORE deepspeed.initialize, which flattens and partitions the parameters of
-   the modules it is given: converting afterwards would create parameters DeepSpeed does not manage. The statistics
-   are shared within groups of consecutive ranks (`deepspeed.sync_batchnorm_group`, e.g. one node's GPUs), so that
-   the two small collectives per layer need not cross every node.
+   the modules it is given: converting afterwards would create parameters DeepSpeed does not manage. Which ranks
+   share the statistics: pipeline/engine/batchnorm_groups.py.
 3. The client optimizer and schedule are built on the module's own parameters, then handed to initialize.
 4. LARS learns the partition layout of the flat tensors DeepSpeed will step it with (zero_layout).
 5. The engine's checkpoint reader is swapped for the weights-only one (safe_load).
@@ -24,6 +23,7 @@ from torch import nn
 
 from pipeline.device import pick, prepare_deepspeed
 from pipeline.distributed import DistEnv, export
+from pipeline.engine.batchnorm_groups import check_batchnorm_device, sync_batchnorm
 from pipeline.engine.ds_config import build_ds_config
 from pipeline.engine.lars import LARS
 from pipeline.engine.optimizers import build_optimizer
@@ -71,34 +71,13 @@ def init_distributed(env: DistEnv, timeout_s: float, device_kind: str = "auto") 
     return device
 
 
-def batchnorm_groups(ds: DictConfig, world_size: int) -> list[list[int]]:
-    """The ranks that share BatchNorm statistics: consecutive ranks in groups of `ds.sync_batchnorm_group` (0: all
-    ranks; the last group may be smaller), or every rank alone without `ds.sync_batchnorm`."""
-    size = (ds.sync_batchnorm_group or world_size) if ds.sync_batchnorm else 1
-    return [list(range(first, min(first + size, world_size))) for first in range(0, world_size, size)]
-
-
-def sync_batchnorm(model: nn.Module, groups: list[list[int]], timeout_s: float) -> nn.Module:
-    """BatchNorm -> SyncBatchNorm over this rank's group. Every rank creates every group, in the same order, as
-    torch.distributed.new_group requires; their collectives give up after `timeout_s` as the main group's do."""
-    import torch.distributed as dist
-
-    if len(groups) == 1:
-        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    mine, _ = dist.new_subgroups_by_enumeration(groups, timeout=timedelta(seconds=timeout_s))
-    return nn.SyncBatchNorm.convert_sync_batchnorm(model, process_group=mine)
-
-
 def build_engine(cfg: DictConfig, model: nn.Module, geometry: BatchGeometry, total_steps: int, warmup_steps: int,
                  device: torch.device):
     """(engine, client optimizer, schedule) for `model` under cfg.deepspeed / cfg.optimizer / cfg.schedule."""
     import deepspeed
 
-    groups = batchnorm_groups(cfg.deepspeed, geometry.world_size)
+    groups = check_batchnorm_device(cfg.deepspeed, geometry.world_size, device)
     if max(map(len, groups)) > 1:
-        if device.type != "cuda":
-            raise ValueError("deepspeed.sync_batchnorm=true needs CUDA devices when ranks share BatchNorm statistics "
-                             "(torch has no CPU SyncBatchNorm): set deepspeed.sync_batchnorm=false")
         model = sync_batchnorm(model, groups, cfg.dist.timeout_s)
     model = model.to(device)
     optimizer = build_optimizer(cfg.optimizer, model)

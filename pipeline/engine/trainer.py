@@ -45,10 +45,12 @@ from pipeline.config.checks import (
 )
 from pipeline.data.loading.loader import EVAL_VIEWS, BadSampleError, loader_for
 from pipeline.data.shard_format import read_manifest
+from pipeline.device import resolve_device
 from pipeline.distributed import all_reduce_sum, resolve
 from pipeline.engine import rng, run_status
+from pipeline.engine.batchnorm_groups import batchnorm_groups, check_batchnorm_device
 from pipeline.engine.checkpoint import Checkpoints, StorageFull, flat
-from pipeline.engine.deepspeed_engine import BatchGeometry, batchnorm_groups, build_engine, init_distributed
+from pipeline.engine.deepspeed_engine import BatchGeometry, build_engine, init_distributed
 from pipeline.engine.ds_config import MODULE_DTYPES, autocast
 from pipeline.engine.export import encoder_state, save_encoder
 from pipeline.engine.run_logger import RunLogger, duration, image_grid
@@ -132,6 +134,7 @@ class Trainer:
         check_values(cfg)  # the entry point checked already; a config built in code is checked here
         check_launch(cfg, self.env.world_size)
         check_shards(cfg.data, data_roles(cfg))
+        check_batchnorm_device(cfg.deepspeed, self.env.world_size, resolve_device(cfg.device, self.env.local_rank))
         self.device = init_distributed(self.env, cfg.dist.timeout_s, cfg.device)
         self.rank, self.world = self.env.rank, self.env.world_size
         self.dtype = MODULE_DTYPES[cfg.deepspeed.precision]  # of the views: bf16 computes under autocast

@@ -119,6 +119,8 @@ def reports(shards, tmp_path_factory) -> dict[str, dict]:
     launch = {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29999"}
     cases += [
         {"name": "uneven batch", "module": "pipeline.train", "args": [*train, "data.batch_size=33"], "env": launch},
+        {"name": "cpu syncbn", "module": "pipeline.train", "args": [*train, "deepspeed.sync_batchnorm=true"],
+         "env": launch},
         {"name": "other dataset", "module": "pipeline.train", "args": [*SMOKE, "data=cifar100", f"data.root={c100}"]},
         {"name": "class count", "module": "pipeline.train",
          "args": [*SMOKE, "data=cifar100", f"data.root={c100_classes}"]},
@@ -157,6 +159,15 @@ def test_a_batch_that_does_not_split_over_the_ranks_exits_2(reports):
     report = reports["uneven batch"]
     assert report["code"] == 2 and not report["process_group"] and report["exit_file"] == "2"
     assert "data.batch_size=33: must be a multiple of world size 2 x deepspeed.grad_accum_steps 1" in report["stderr"]
+
+
+def test_ranks_sharing_batchnorm_statistics_on_the_cpu_exit_2_before_the_process_group(reports):
+    report = reports["cpu syncbn"]
+    assert report["code"] == 2 and not report["process_group"] and report["exit_file"] == "2", report
+    assert report["stderr"].splitlines() == [
+        "pipeline.train: deepspeed.sync_batchnorm=true: 2 ranks on cpu would share BatchNorm statistics, which needs "
+        "CUDA devices (torch has no CPU SyncBatchNorm); set deepspeed.sync_batchnorm=false or "
+        "deepspeed.sync_batchnorm_group=1"]
 
 
 def test_shards_of_another_dataset_are_refused(reports):

@@ -9,7 +9,7 @@ import sys
 import pytest
 from omegaconf import OmegaConf
 
-from pipeline.engine.deepspeed_engine import batchnorm_groups
+from pipeline.engine.batchnorm_groups import batchnorm_groups
 from pipeline.engine.trainer import batchnorm_scope
 from tests.helpers import REPO
 from tests.helpers.torchrun import environment, run_ranks

@@ -10,7 +10,7 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 from torch import nn
 
-from pipeline.engine.deepspeed_engine import batchnorm_groups, sync_batchnorm
+from pipeline.engine.batchnorm_groups import batchnorm_groups, sync_batchnorm
 
 
 def model() -> nn.Module:

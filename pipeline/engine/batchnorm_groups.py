@@ -1,0 +1,43 @@
+"""Which ranks share BatchNorm statistics (`deepspeed.sync_batchnorm`, `deepspeed.sync_batchnorm_group`): groups of
+consecutive ranks, so that a group of one node's GPUs keeps SyncBatchNorm's two collectives per layer off the network
+(torchrun and Slurm's default block distribution number a node's processes consecutively). Checked before the
+process group starts: torch has no CPU SyncBatchNorm."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import torch
+from omegaconf import DictConfig
+from torch import nn
+
+from pipeline.config.checks import ConfigError
+
+
+def batchnorm_groups(ds: DictConfig, world_size: int) -> list[list[int]]:
+    """The ranks that share BatchNorm statistics: consecutive ranks in groups of `ds.sync_batchnorm_group` (0: all
+    ranks; the last group may be smaller), or every rank alone without `ds.sync_batchnorm`."""
+    size = (ds.sync_batchnorm_group or world_size) if ds.sync_batchnorm else 1
+    return [list(range(first, min(first + size, world_size))) for first in range(0, world_size, size)]
+
+
+def check_batchnorm_device(ds: DictConfig, world_size: int, device: torch.device) -> list[list[int]]:
+    """The BatchNorm groups (batchnorm_groups), or ConfigError where ranks would share statistics off CUDA: torch
+    has no CPU SyncBatchNorm. The trainer asks before it starts the process group or anything slow."""
+    groups = batchnorm_groups(ds, world_size)
+    if device.type != "cuda" and max(map(len, groups)) > 1:
+        raise ConfigError(f"deepspeed.sync_batchnorm=true: {world_size} ranks on {device.type} would share BatchNorm "
+                          "statistics, which needs CUDA devices (torch has no CPU SyncBatchNorm); set "
+                          "deepspeed.sync_batchnorm=false or deepspeed.sync_batchnorm_group=1")
+    return groups
+
+
+def sync_batchnorm(model: nn.Module, groups: list[list[int]], timeout_s: float) -> nn.Module:
+    """BatchNorm -> SyncBatchNorm over this rank's group. Every rank creates every group, in the same order, as
+    torch.distributed.new_group requires; their collectives give up after `timeout_s` as the main group's do."""
+    import torch.distributed as dist
+
+    if len(groups) == 1:
+        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    mine, _ = dist.new_subgroups_by_enumeration(groups, timeout=timedelta(seconds=timeout_s))
+    return nn.SyncBatchNorm.convert_sync_batchnorm(model, process_group=mine)
