@@ -13,6 +13,10 @@ from torch import nn
 
 from pipeline.config.checks import ConfigError
 
+# below this many samples per forward pass BatchNorm's batch statistics are noisy enough to hurt training (Wu & He,
+# "Group Normalization": ResNet-50's error rises steeply below 16 images per BatchNorm)
+MIN_BATCHNORM_SAMPLES = 16
+
 
 def batchnorm_groups(ds: DictConfig, world_size: int) -> list[list[int]]:
     """The ranks that share BatchNorm statistics: consecutive ranks in groups of `ds.sync_batchnorm_group` (0: all
@@ -41,3 +45,20 @@ def sync_batchnorm(model: nn.Module, groups: list[list[int]], timeout_s: float) 
         return nn.SyncBatchNorm.convert_sync_batchnorm(model)
     mine, _ = dist.new_subgroups_by_enumeration(groups, timeout=timedelta(seconds=timeout_s))
     return nn.SyncBatchNorm.convert_sync_batchnorm(model, process_group=mine)
+
+
+def batchnorm_scope(groups: list[list[int]], per_node: int, micro_batch: int) -> str:
+    """Which ranks share BatchNorm statistics and over how many samples, in words, for the banner (`per_node`: ranks
+    per node, numbered consecutively). A group that spans nodes is said: its collectives cross the network in every
+    BatchNorm layer."""
+    size = len(groups[0])
+    if size == 1:
+        return f"BatchNorm per rank ({micro_batch} samples)"
+    spans = [len({rank // per_node for rank in group}) for group in groups]
+    if len(groups) == 1:
+        return f"SyncBatchNorm over all {size} ranks ({size * micro_batch} samples" + (
+            f", {spans[0]} nodes)" if spans[0] > 1 else ")")
+    across = ("" if max(spans) == 1 else f", {spans[0]} nodes each" if min(spans) == max(spans)
+              else f", some across {max(spans)} nodes")
+    smaller = f", the last of {len(groups[-1])}" if len(groups[-1]) < size else ""
+    return f"SyncBatchNorm in {len(groups)} groups of {size} ranks{smaller} ({size * micro_batch} samples each{across})"

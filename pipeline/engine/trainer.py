@@ -48,7 +48,12 @@ from pipeline.data.shard_format import read_manifest
 from pipeline.device import resolve_device
 from pipeline.distributed import all_reduce_sum, resolve
 from pipeline.engine import rng, run_status
-from pipeline.engine.batchnorm_groups import batchnorm_groups, check_batchnorm_device
+from pipeline.engine.batchnorm_groups import (
+    MIN_BATCHNORM_SAMPLES,
+    batchnorm_groups,
+    batchnorm_scope,
+    check_batchnorm_device,
+)
 from pipeline.engine.checkpoint import Checkpoints, StorageFull, flat
 from pipeline.engine.deepspeed_engine import BatchGeometry, build_engine, init_distributed
 from pipeline.engine.ds_config import MODULE_DTYPES, autocast
@@ -105,19 +110,6 @@ def next_command(run_dir: Path, unlabelled: list[str]) -> str:
         return command
     return (f"{command} data=<a labelled dataset> data.root=<its shards> ({' and '.join(unlabelled)} "
             f"{'have' if len(unlabelled) > 1 else 'has'} no labels to evaluate with)")
-
-
-def batchnorm_scope(groups: list[list[int]], per_node: int) -> str:
-    """Which ranks share BatchNorm statistics, in words, for the banner; `per_node`: ranks per node. A group wider
-    than a node is said, as its collectives then cross the network in every BatchNorm layer."""
-    size, nodes = len(groups[0]), -(-len(groups[0]) // per_node)
-    if size == 1:
-        return "BatchNorm per rank"
-    if len(groups) == 1:
-        return f"SyncBatchNorm over all {size} ranks" + (f", {nodes} nodes" if nodes > 1 else "")
-    smaller = f", the last of {len(groups[-1])}" if len(groups[-1]) < size else ""
-    return f"SyncBatchNorm in {len(groups)} groups of {size} ranks{smaller}" + (f", {nodes} nodes each" if nodes > 1
-                                                                                  else "")
 
 
 def _memory() -> dict[str, float]:
@@ -177,6 +169,11 @@ class Trainer:
         if self.rank == 0:
             OmegaConf.save(OmegaConf.create(redacted_config(cfg)), self.run_dir / "config.yaml")
         self.logger.message(self._banner())
+        fewest = min(map(len, batchnorm_groups(cfg.deepspeed, self.world))) * self.geometry.micro_batch
+        if fewest < MIN_BATCHNORM_SAMPLES and self.rank == 0:
+            log.warning("BatchNorm statistics come from %d samples per forward pass: few enough to hurt training; "
+                        "raise data.batch_size, or share them over more ranks (deepspeed.sync_batchnorm=true, "
+                        "deepspeed.sync_batchnorm_group)", fewest)
         if self.unlabelled:
             self.logger.message(self.unlabelled)
 
@@ -189,7 +186,8 @@ class Trainer:
                      .items()}
             splits += f"; kNN bank {cfg.data.bank_split} {sizes['bank']}, test {cfg.data.test_split} {sizes['test']}"
         wandb = f"W&B {cfg.logger.wandb_mode}, run {self.logger.run_id}" if self.logger.wandb else "W&B disabled"
-        batchnorm = batchnorm_scope(batchnorm_groups(cfg.deepspeed, self.world), self.env.local_world_size)
+        batchnorm = batchnorm_scope(batchnorm_groups(cfg.deepspeed, self.world), self.env.local_world_size,
+                                    g.micro_batch)
         return "\n".join([
             f"augssl {cfg.experiment_name}: {cfg.method.name}, {cfg.backbone.arch} on {cfg.data.dataset} "
             f"({splits})",
