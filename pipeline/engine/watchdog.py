@@ -22,7 +22,6 @@ in C++ cannot run it).
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import signal
 import sys
@@ -34,8 +33,6 @@ from typing import Callable
 
 from pipeline import exit_codes
 from pipeline.engine.stop_signals import StopSignals
-
-log = logging.getLogger(__name__)
 
 
 def main_thread_at() -> str:
@@ -127,7 +124,7 @@ class Watchdog:
         self.worker_died.set()
 
     def _end(self, status: str, reason: str, exit_code: int) -> None:
-        log.error("%s; exiting", reason)
+        print(f"{reason}; exiting", file=sys.stderr, flush=True)  # where a failure's line goes (docs/exit-codes.md)
         try:
             self.on_expire(status, reason, exit_code)
         finally:

@@ -20,11 +20,10 @@ RUN = ["experiment=smoke", "method=aasae", "method.hidden_dim=64", "logger=none"
 GRACE_S = 5
 
 
-def trainer(shards, run_dir: Path, *extra: str, env: dict | None = None) -> subprocess.Popen:
+def trainer(shards, run_dir: Path, *extra: str, env: dict | None = None, stderr=subprocess.STDOUT) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "pipeline.train", *RUN, f"data.root={shards}", f"run_dir={run_dir}",
-                             *extra], cwd=REPO, start_new_session=True, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+                             *extra], cwd=REPO, start_new_session=True, stdout=subprocess.PIPE, stderr=stderr,
+                            text=True, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
 
 
 def wait_for_step(run_dir: Path, step: int, procs: list[subprocess.Popen]) -> None:
@@ -53,7 +52,7 @@ def test_a_killed_reader_worker_ends_the_run_naming_it(shards, tmp_path):
     watchdog ends the run after dist.stop_grace_s, with the same reason, keeping the last periodic checkpoint."""
     run_dir = tmp_path / "run"
     proc = trainer(shards, run_dir, "data.loader.read_workers=2", "checkpoint.every_steps=5",
-                   f"dist.stop_grace_s={GRACE_S}")
+                   f"dist.stop_grace_s={GRACE_S}", stderr=subprocess.PIPE)
     try:
         wait_for_step(run_dir, 6, [proc])
         command = Path(f"/proc/{proc.pid}/cmdline").read_bytes()
@@ -62,12 +61,12 @@ def test_a_killed_reader_worker_ends_the_run_naming_it(shards, tmp_path):
         assert len(workers) == 2, run
         os.kill(workers[0], signal.SIGKILL)
         killed = time.monotonic()
-        out, _ = proc.communicate(timeout=60)
+        out, err = proc.communicate(timeout=60)
         took = time.monotonic() - killed
         print(f"ended {took:.1f} s after the kill")
         reason = f"DALI reader worker {workers[0]} of rank 0 died (SIGKILL: out of memory?)"
-        assert proc.returncode == 1 and took < GRACE_S + 10, out[-3000:]
-        assert reason in out and "Traceback" not in out and "DALI failed" not in out, out[-3000:]
+        assert proc.returncode == 1 and took < GRACE_S + 10, out[-3000:] + err[-3000:]
+        assert reason in err and "Traceback" not in out + err and "DALI failed" not in out + err, err[-3000:]
         status = json.loads((run_dir / "status.json").read_text())
         assert (status["status"], status["exit_code"], status["reason"][: len(reason)]) == ("failed", 1, reason)
         saved = newest_checkpoint_is_intact(run_dir)
