@@ -164,11 +164,24 @@ def worker(args, stage: int, run_dir: str) -> None:
             "state_mib_per_rank": [r[1].item() / 2**20 for r in rows]}), flush=True)
 
 
+def check_devices(device: str, ranks: int) -> None:
+    """Before torchrun: on CUDA every rank needs a GPU of its own (ConfigError, in this tool's options)."""
+    import torch
+
+    try:
+        kind = resolve_device(device).type  # AUGSSL_DEVICE first, as for pipeline.train
+    except DeviceError as err:
+        raise ConfigError(str(err)) from None
+    if kind == "cuda" and ranks > torch.cuda.device_count():
+        raise ConfigError(f"--ranks {ranks}: this machine has {torch.cuda.device_count()} CUDA device(s), one per "
+                          "rank; use fewer ranks or --device cpu")
+
+
 def run(argv: list[str] | None = None) -> list[dict]:
     """Benchmark as the command line says; prints the table and returns its rows (RuntimeError when a stage fails,
     with the tail of its output)."""
     args = parse_args(argv)
-    resolve_device(args.device, args.ranks - 1)  # the last rank's GPU must exist (DeviceError: exit 2)
+    check_devices(args.device, args.ranks)
     for stage in args.stages:  # a config that cannot run is one line here, not a torchrun failure per stage
         cfg = load("train", overrides(args, stage, "run"))
         check_launch(cfg, args.ranks)
@@ -208,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         run(argv)
-    except (ConfigError, DeviceError) as err:
+    except ConfigError as err:
         print(f"bench_train: {err}", file=sys.stderr)
         return BAD_CONFIG
     except RuntimeError as err:
