@@ -6,6 +6,7 @@ term against gloo on this machine.
     python tools/scaling_model.py                                    # both presets, assumed 1-GPU step times
     python tools/scaling_model.py --step-time aag=0.105 --step-time aasae=0.048   # measured by the GPU check
     python tools/scaling_model.py --validate                         # + gloo all-reduce at 1, 2, 4 CPU ranks
+    python tools/scaling_model.py --zero-stage 0 --syncbn-group 0    # what-ifs: another ZeRO stage, BatchNorm groups
 
 Weak scaling: every GPU keeps the micro batch the preset has on one 8-GPU node (global batch / 8), so a step's
 compute stays the measured 1-GPU step time and only communication is added. Per step, per GPU:
@@ -280,6 +281,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--syncbn-group", type=non_negative_int,
                    help="GPUs that share BatchNorm statistics, for every preset (0: all; 1: none; 8: one node's); "
                         "default: each preset's deepspeed.sync_batchnorm and sync_batchnorm_group")
+    p.add_argument("--zero-stage", type=int, choices=(0, 1, 2, 3),
+                   help="ZeRO stage for every preset (default: each preset's deepspeed.zero_stage)")
     p.add_argument("--validate", action="store_true", help="also time gloo all-reduces at 1, 2 and 4 CPU ranks")
     return p.parse_args(argv)
 
@@ -299,6 +302,8 @@ def run(argv: list[str] | None = None) -> dict:
         w = workload(name, steps.get(name))
         if args.syncbn_group is not None:
             w = replace(w, syncbn_group=args.syncbn_group)
+        if args.zero_stage is not None:
+            w = replace(w, zero_stage=args.zero_stage)
         out[name] = table(w, cluster, args.backward_fraction)
     if args.validate:
         out["validation"] = validate()

@@ -67,3 +67,16 @@ def test_batchnorm_groups_come_from_the_presets(aag):
     assert all(r["syncbn_s"] == 0 for r in sm.table(sm.workload("aasae", 0.05), sm.Cluster(), 2 / 3))
     everywhere = {r["gpus"]: r["syncbn_s"] for r in sm.table(sm.replace(aag, syncbn_group=0), sm.Cluster(), 2 / 3)}
     assert everywhere[8] == per_node[8] and everywhere[256] > 10 * per_node[256]
+
+
+def test_what_ifs_override_every_preset(capsys):
+    """--zero-stage 0: gradients all-reduced during backward and no parameter all-gather after the step, so less is
+    exposed than under the presets' ZeRO 2; --syncbn-group 0 puts AASAE's BatchNorm on the critical path again."""
+    presets = sm.run(["--step-time", "aag=0.0988", "--step-time", "aasae=0.0444"])
+    zero0 = sm.run(["--step-time", "aag=0.0988", "--step-time", "aasae=0.0444", "--zero-stage", "0"])
+    synced = sm.run(["--presets", "aasae", "--step-time", "aasae=0.0444", "--syncbn-group", "0"])
+    capsys.readouterr()
+    for name in ("aag", "aasae"):
+        assert zero0[name][-1]["grads_exposed_s"] < presets[name][-1]["grads_exposed_s"]
+        assert zero0[name][-1]["efficiency"] > presets[name][-1]["efficiency"]
+    assert presets["aasae"][-1]["syncbn_s"] == 0 < synced["aasae"][-1]["syncbn_s"]
