@@ -35,10 +35,13 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+
 from pipeline.arg_types import positive_int
 from pipeline.config.checks import ConfigError, check_launch, check_shards, data_roles
 from pipeline.config.compose import load
 from pipeline.device import DeviceError, resolve_device
+from pipeline.engine.batchnorm_groups import check_batchnorm_device
 from pipeline.exit_codes import BAD_CONFIG
 
 REPO = Path(__file__).resolve().parents[1]
@@ -75,8 +78,6 @@ def overrides(args, stage: int, run_dir: str) -> list[str]:
 
 def state_bytes(trainer) -> int:
     """Bytes of parameters, fp32 master partitions and optimizer states held by this rank."""
-    import torch
-
     total, seen = 0, set()
 
     def add(t):
@@ -98,7 +99,6 @@ def state_bytes(trainer) -> int:
 
 
 def worker(args, stage: int, run_dir: str) -> None:
-    import torch
     import torch.distributed as dist
 
     from pipeline.device import pick, prepare_deepspeed
@@ -164,10 +164,9 @@ def worker(args, stage: int, run_dir: str) -> None:
             "state_mib_per_rank": [r[1].item() / 2**20 for r in rows]}), flush=True)
 
 
-def check_devices(device: str, ranks: int) -> None:
-    """Before torchrun: on CUDA every rank needs a GPU of its own (ConfigError, in this tool's options)."""
-    import torch
-
+def check_devices(device: str, ranks: int) -> torch.device:
+    """Before torchrun: the ranks' device; on CUDA every rank needs a GPU of its own (ConfigError, in this tool's
+    options)."""
     try:
         kind = resolve_device(device).type  # AUGSSL_DEVICE first, as for pipeline.train
     except DeviceError as err:
@@ -175,16 +174,18 @@ def check_devices(device: str, ranks: int) -> None:
     if kind == "cuda" and ranks > torch.cuda.device_count():
         raise ConfigError(f"--ranks {ranks}: this machine has {torch.cuda.device_count()} CUDA device(s), one per "
                           "rank; use fewer ranks or --device cpu")
+    return resolve_device(device)
 
 
 def run(argv: list[str] | None = None) -> list[dict]:
     """Benchmark as the command line says; prints the table and returns its rows (RuntimeError when a stage fails,
     with the tail of its output)."""
     args = parse_args(argv)
-    check_devices(args.device, args.ranks)
+    device = check_devices(args.device, args.ranks)
     for stage in args.stages:  # a config that cannot run is one line here, not a torchrun failure per stage
         cfg = load("train", overrides(args, stage, "run"))
         check_launch(cfg, args.ranks)
+        check_batchnorm_device(cfg.deepspeed, args.ranks, device)
         check_shards(cfg.data, data_roles(cfg))
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), WORKER_ARGS: json.dumps(vars(args)),
            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}

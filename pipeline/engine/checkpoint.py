@@ -53,8 +53,6 @@ UNIVERSAL = "universal"  # inside a tag's folder: that checkpoint converted for 
 _TAG = re.compile(r"^step(\d{9})$")
 FORMAT = 2  # of experiment.json; format 1 (no "format" key) held experiment_name, method, backbone, dataset, stem
 _FORMAT_1_NAMES = {"dataset": "data.dataset", "stem": "data.stem", "image_size": "data.image_size"}
-# keys added to the fingerprint after runs were made without them, with the value that does what those runs did
-_ADDED_LATER = {"deepspeed.sync_batchnorm_group": 0}
 
 
 class RunDirError(ConfigError):
@@ -77,6 +75,17 @@ def _differences(there: dict, here: dict) -> dict:
     return {k: [there.get(k), here.get(k)] for k in sorted(set(there) | set(here)) if there.get(k) != here.get(k)}
 
 
+def _comparable(fingerprint: dict) -> dict:
+    """A fingerprint as it is compared. The BatchNorm group counts only with sync_batchnorm (without it no rank
+    shares statistics, whatever the group); a run made before the key existed synchronised all ranks: group 0."""
+    out = dict(fingerprint)
+    if out.get("deepspeed.sync_batchnorm") is False:
+        out.pop("deepspeed.sync_batchnorm_group", None)
+    elif out.get("deepspeed.sync_batchnorm") is True:
+        out.setdefault("deepspeed.sync_batchnorm_group", 0)
+    return out
+
+
 def _compare(saved: dict, fingerprint: dict) -> tuple[dict, bool]:
     """How a saved experiment.json differs from `fingerprint`, and whether it is of format 1 (then compared on the
     keys it has, under today's names). Raises ValueError (or AttributeError, TypeError) for anything else."""
@@ -85,8 +94,7 @@ def _compare(saved: dict, fingerprint: dict) -> tuple[dict, bool]:
         return _differences(there, {k: fingerprint.get(k) for k in there}), True
     if not isinstance(saved.get("fingerprint"), dict) or not isinstance(saved.get("forced"), list):
         raise ValueError("not an experiment record")
-    added = {k: v for k, v in _ADDED_LATER.items() if k in fingerprint}
-    return _differences({**added, **saved["fingerprint"]}, fingerprint), False
+    return _differences(_comparable(saved["fingerprint"]), _comparable(fingerprint)), False
 
 
 def _describe(changed: dict) -> str:

@@ -89,11 +89,8 @@ FREE_KEYS = ("run_dir", "logger", "checkpoint", "monitor.knn_every_epochs", "mon
 def fingerprint(cfg: DictConfig) -> dict:
     """What must match for a run dir's checkpoints to be continued by this config: every resolved key that shapes
     the weights, flat ("optimizer.lr"), so that a refusal names each key that differs."""
-    found = {key: value for key, value in flat(redacted_config(cfg)).items()
-             if not any(key == free or key.startswith(f"{free}.") for free in FREE_KEYS)}
-    if not found.get("deepspeed.sync_batchnorm", True):
-        found.pop("deepspeed.sync_batchnorm_group", None)  # which ranks would share statistics: none do
-    return found
+    return {key: value for key, value in flat(redacted_config(cfg)).items()
+            if not any(key == free or key.startswith(f"{free}.") for free in FREE_KEYS)}
 
 
 def _mean_over_ranks(values: dict[str, torch.Tensor], world: int) -> dict[str, float]:

@@ -95,12 +95,22 @@ def test_a_run_dir_of_an_older_augssl_is_compared_on_what_it_recorded(tmp_path, 
     assert Checkpoints(tmp_path, base).claim() == {}
 
 
-def test_the_batchnorm_group_counts_only_when_ranks_synchronise_batchnorm():
-    """Without sync_batchnorm no rank shares statistics: a group then changes nothing and must not block a resume."""
+def test_the_batchnorm_group_counts_only_when_ranks_synchronise_batchnorm(tmp_path):
+    """Without sync_batchnorm no rank shares statistics: a group then changes nothing and must not block a resume,
+    whatever group the run dir recorded (runs of a few commits recorded group 0 with sync off)."""
     alone = fingerprint(load("train", ["experiment=imagenet_aasae"]))
-    assert alone["deepspeed.sync_batchnorm"] is False and "deepspeed.sync_batchnorm_group" not in alone
-    assert fingerprint(load("train", ["experiment=imagenet_aasae", "deepspeed.sync_batchnorm_group=2"])) == alone
-    assert fingerprint(load("train", ["experiment=imagenet_aag"]))["deepspeed.sync_batchnorm_group"] == 8
+    assert alone["deepspeed.sync_batchnorm"] is False and alone["deepspeed.sync_batchnorm_group"] == 8
+    before_the_key = {k: v for k, v in alone.items() if k != "deepspeed.sync_batchnorm_group"}
+    for name, recorded in (("group 0", {**alone, "deepspeed.sync_batchnorm_group": 0}),
+                           ("before the key", before_the_key)):
+        run_dir = tmp_path / name
+        Checkpoints(run_dir, recorded).claim()
+        assert Checkpoints(run_dir, alone).claim() == {}
+        assert Checkpoints(run_dir, {**alone, "deepspeed.sync_batchnorm_group": 2}).claim() == {}
+    synced = fingerprint(load("train", ["experiment=imagenet_aag"]))
+    assert synced["deepspeed.sync_batchnorm_group"] == 8
+    with pytest.raises(RunDirError, match="deepspeed.sync_batchnorm=false there, true now"):
+        Checkpoints(tmp_path / "group 0", synced).claim()
 
 
 def test_a_run_dir_made_before_batchnorm_groups_resumes_as_it_ran(tmp_path):

@@ -68,6 +68,19 @@ def test_bench_train_refuses_a_missing_gpu_before_starting_torchrun(shards, caps
     assert capsys.readouterr().err.startswith("bench_train: device=cuda, but torch sees no CUDA device")
 
 
+def test_bench_train_refuses_more_ranks_than_gpus_and_cpu_ranks_sharing_batchnorm(shards, capsys, monkeypatch):
+    monkeypatch.delenv("AUGSSL_DEVICE", raising=False)
+    with monkeypatch.context() as one_gpu:  # what torch says on a machine with one GPU, without touching CUDA
+        one_gpu.setattr(torch.cuda, "is_available", lambda: True)
+        one_gpu.setattr(torch.cuda, "device_count", lambda: 1)
+        assert bench_train.main(["--shards", shards, "--device", "cuda", "--ranks", "2", "--stages", "0"]) == 2
+    assert capsys.readouterr().err == ("bench_train: --ranks 2: this machine has 1 CUDA device(s), one per rank; use "
+                                       "fewer ranks or --device cpu\n")
+    assert bench_train.main(["--shards", shards, "--device", "cpu", "--ranks", "2", "--stages", "0", "--override",
+                             "deepspeed.sync_batchnorm=true"]) == 2
+    assert capsys.readouterr().err.startswith("bench_train: deepspeed.sync_batchnorm=true: 2 ranks on cpu would share")
+
+
 def test_bench_train_refuses_missing_shards_and_nonsense_counts(tmp_path, capsys):
     assert bench_train.main(["--shards", str(tmp_path / "none")]) == 2
     assert capsys.readouterr().err.startswith("bench_train: data.train_split=train: no manifest")
