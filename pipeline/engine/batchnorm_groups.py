@@ -15,7 +15,7 @@ from pipeline.config.checks import ConfigError
 
 # below this many samples per forward pass BatchNorm's batch statistics are noisy enough to hurt training (Wu & He,
 # "Group Normalization": ResNet-50's error rises steeply below 16 images per BatchNorm). Counted in samples, as the
-# trainer knows no method: one whose views go through the encoder together (AAG: 3 images a sample) has more images
+# trainer knows no method: one whose views go through the encoder together (3 views: 3 images a sample) has more
 MIN_BATCHNORM_SAMPLES = 16
 
 
