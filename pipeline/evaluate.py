@@ -205,9 +205,10 @@ def _app(cfg: DictConfig) -> None:
         run_logger = None
         if run_dir is not None:
             overrides = list(HydraConfig.get().overrides.task)
-            run_cfg = read_run_config(run_dir, () if data_given(overrides) else ("data",))
+            own_data = data_given(overrides)
+            run_cfg = read_run_config(run_dir, () if own_data else ("data",))
             run_logger = run_cfg.get("logger")
-            if not data_given(overrides):
+            if not own_data:
                 take_run_data(cfg, run_cfg.data, overrides)
             print(f"run dir {run_dir}: data {cfg.data.dataset} at {cfg.data.root} (image size {cfg.data.image_size}, "
                   f"stem {cfg.data.stem})")

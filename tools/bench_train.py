@@ -164,17 +164,17 @@ def worker(args, stage: int, run_dir: str) -> None:
             "state_mib_per_rank": [r[1].item() / 2**20 for r in rows]}), flush=True)
 
 
-def check_devices(device: str, ranks: int) -> torch.device:
+def check_devices(kind: str, ranks: int) -> torch.device:
     """Before torchrun: the ranks' device; on CUDA every rank needs a GPU of its own (ConfigError, in this tool's
     options)."""
     try:
-        kind = resolve_device(device).type  # AUGSSL_DEVICE first, as for pipeline.train
+        device = resolve_device(kind)  # AUGSSL_DEVICE first, as for pipeline.train
     except DeviceError as err:
         raise ConfigError(str(err)) from None
-    if kind == "cuda" and ranks > torch.cuda.device_count():
+    if device.type == "cuda" and ranks > torch.cuda.device_count():
         raise ConfigError(f"--ranks {ranks}: this machine has {torch.cuda.device_count()} CUDA device(s), one per "
                           "rank; use fewer ranks or --device cpu")
-    return resolve_device(device)
+    return device
 
 
 def run(argv: list[str] | None = None) -> list[dict]:

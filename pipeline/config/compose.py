@@ -138,9 +138,12 @@ def check_run(config_name: str, cfg: DictConfig) -> None:
 
         try:
             env = resolve()
+        except DistEnvError as err:
+            raise ConfigError(f"launch environment: {err}") from None
+        try:
             device = resolve_device(cfg.device, env.local_rank)
-        except (DistEnvError, DeviceError) as err:
-            raise ConfigError(f"launch environment: {err}" if isinstance(err, DistEnvError) else str(err)) from None
+        except DeviceError as err:
+            raise ConfigError(str(err)) from None
         check_launch(cfg, env.world_size)
         check_batchnorm_device(cfg.deepspeed, env.world_size, device)
         check_shards(cfg.data, data_roles(cfg))

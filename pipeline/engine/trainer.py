@@ -48,12 +48,7 @@ from pipeline.data.shard_format import read_manifest
 from pipeline.device import resolve_device
 from pipeline.distributed import all_reduce_sum, resolve
 from pipeline.engine import rng, run_status
-from pipeline.engine.batchnorm_groups import (
-    MIN_BATCHNORM_SAMPLES,
-    batchnorm_groups,
-    batchnorm_scope,
-    check_batchnorm_device,
-)
+from pipeline.engine.batchnorm_groups import MIN_BATCHNORM_SAMPLES, batchnorm_scope, check_batchnorm_device
 from pipeline.engine.checkpoint import Checkpoints, StorageFull, flat
 from pipeline.engine.deepspeed_engine import BatchGeometry, build_engine, init_distributed
 from pipeline.engine.ds_config import MODULE_DTYPES, autocast
@@ -123,7 +118,8 @@ class Trainer:
         check_values(cfg)  # the entry point checked already; a config built in code is checked here
         check_launch(cfg, self.env.world_size)
         check_shards(cfg.data, data_roles(cfg))
-        check_batchnorm_device(cfg.deepspeed, self.env.world_size, resolve_device(cfg.device, self.env.local_rank))
+        self.batchnorm_groups = check_batchnorm_device(cfg.deepspeed, self.env.world_size,
+                                                       resolve_device(cfg.device, self.env.local_rank))
         self.device = init_distributed(self.env, cfg.dist.timeout_s, cfg.device)
         self.rank, self.world = self.env.rank, self.env.world_size
         self.dtype = MODULE_DTYPES[cfg.deepspeed.precision]  # of the views: bf16 computes under autocast
@@ -166,7 +162,7 @@ class Trainer:
         if self.rank == 0:
             OmegaConf.save(OmegaConf.create(redacted_config(cfg)), self.run_dir / "config.yaml")
         self.logger.message(self._banner())
-        fewest = min(map(len, batchnorm_groups(cfg.deepspeed, self.world))) * self.geometry.micro_batch
+        fewest = min(map(len, self.batchnorm_groups)) * self.geometry.micro_batch
         if fewest < MIN_BATCHNORM_SAMPLES and self.rank == 0:
             log.warning("BatchNorm statistics come from %d samples per forward pass: few enough to hurt training; "
                         "raise data.batch_size, or share them over more ranks (deepspeed.sync_batchnorm=true, "
@@ -183,8 +179,7 @@ class Trainer:
                      .items()}
             splits += f"; kNN bank {cfg.data.bank_split} {sizes['bank']}, test {cfg.data.test_split} {sizes['test']}"
         wandb = f"W&B {cfg.logger.wandb_mode}, run {self.logger.run_id}" if self.logger.wandb else "W&B disabled"
-        batchnorm = batchnorm_scope(batchnorm_groups(cfg.deepspeed, self.world), self.env.local_world_size,
-                                    g.micro_batch)
+        batchnorm = batchnorm_scope(self.batchnorm_groups, self.env.local_world_size, g.micro_batch)
         return "\n".join([
             f"augssl {cfg.experiment_name}: {cfg.method.name}, {cfg.backbone.arch} on {cfg.data.dataset} "
             f"({splits})",
