@@ -91,6 +91,9 @@ try:
     print("ok", t.item())
 except Exception as e:
     print("failed:", " ".join(str(e).split()))
+sys.stdout.flush()
+os._exit(0)  # skip the teardown: a gloo thread still joinable there aborts now and then ("terminate called without
+#              an active exception", after "ok" was printed; one CI run of about ten), as in tests/engine/test_lars.py
 """
 
 
